@@ -1,0 +1,220 @@
+"""A frozen transformers model driven by a simplex of K prefixes.
+
+Library face::
+
+    model = PrefixSubspaceModel(backbone, num_vertices=3, prefix_length=16, label_token_ids=[2731, 3524])
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-2)
+    alpha = model.sample_alpha(step, example_index)          # [B, L(+1), K], on the device
+    logits = model(input_ids, attention_mask, alpha)          # [B, C]
+    loss = F.cross_entropy(logits, labels) + beta * model.regulariser()
+
+The prefix reaches every attention layer through a cache whose layers *return* prefix+input keys/values
+without storing them: stateless, so a fresh one per forward costs nothing and gradient checkpointing
+(which re-runs layers in backward) sees the same keys twice instead of a cache that grew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from dist_subspace import simplex
+from dist_subspace.arch import arch_spec, input_position_ids, prefix_geometry
+
+
+class _PrefixLayer(DynamicLayer):
+    """One layer's prefix: ``update`` returns ``cat(prefix, new)`` and keeps nothing."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.keys, self.values = keys, values  # [B, H_kv, P, D]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
+
+
+def prefix_cache(prefix: torch.Tensor) -> Cache:
+    """A transformers cache holding ``prefix`` ``[B, L, 2, H_kv, P, D]`` (key and value per layer)."""
+    return Cache(layers=[_PrefixLayer(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])])
+
+
+class SimplexHead(nn.Module):
+    """K linear heads mixed with the same alpha: features ``[B, H]``, alpha ``[B, K]`` -> ``[B, C]``."""
+
+    def __init__(self, num_vertices: int, hidden_size: int, num_outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_vertices, num_outputs, hidden_size))
+        self.bias = nn.Parameter(torch.zeros(num_vertices, num_outputs))
+        for w in self.weight:  # independent starting points, as for the prefixes
+            nn.init.kaiming_uniform_(w, a=5**0.5)
+
+    def forward(self, features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        weight = simplex.mix(self.weight, alpha)  # [B, C, H]
+        bias = simplex.mix(self.bias, alpha)  # [B, C]
+        return torch.einsum("bh,bch->bc", features.to(weight.dtype), weight) + bias
+
+
+class PrefixSimplex(nn.Module):
+    """Everything that is trained: ``vertices`` ``[K, L, 2, H_kv, P, D]`` and, for encoders, ``head``."""
+
+    def __init__(
+        self, num_vertices: int, num_layers: int, num_kv_heads: int, prefix_length: int, head_dim: int,
+        head: SimplexHead | None = None,
+    ) -> None:
+        super().__init__()
+        if num_vertices < 1 or prefix_length < 1:
+            raise ValueError(f"need K >= 1 and P >= 1 (got K={num_vertices}, P={prefix_length})")
+        shape = (num_vertices, num_layers, 2, num_kv_heads, prefix_length, head_dim)
+        self.vertices = nn.Parameter(torch.zeros(shape))
+        self.head = head
+
+    @property
+    def num_vertices(self) -> int:
+        return self.vertices.shape[0]
+
+
+class PrefixSubspaceModel(nn.Module):
+    """Frozen backbone + trainable :class:`PrefixSimplex`; ``forward`` returns class logits ``[B, C]``.
+
+    Decoders (``label_token_ids`` given) classify with the LM's next-token logits of each label word at
+    the last position (use left padding). Encoders (``num_outputs`` given) mean-pool the last hidden
+    states and apply a simplex head; its alpha is row L of an ``[B, L + 1, K]`` alpha.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_vertices: int,
+        prefix_length: int,
+        label_token_ids: Sequence[int] | None = None,
+        num_outputs: int | None = None,
+    ) -> None:
+        super().__init__()
+        config = backbone.config
+        self.spec, self.geometry = arch_spec(config), prefix_geometry(config)
+        if self.spec.kind == "decoder" and not label_token_ids:
+            raise ValueError("a decoder classifies with a verbalizer: pass label_token_ids (one token per label)")
+        if self.spec.kind == "encoder" and not num_outputs:
+            raise ValueError("an encoder needs a head: pass num_outputs (number of classes, 1 for regression)")
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        # Our cache is read-only, so a checkpointed layer may keep it: the backward replay reads the same
+        # prefix. transformers drops any cache under checkpointing unless a layer says so.
+        for module in backbone.modules():
+            if isinstance(module, GradientCheckpointingLayer):
+                module._can_checkpoint_with_cache = True
+        self.backbone = backbone
+        self.config = config
+        self.prefix_length = prefix_length
+        g = self.geometry
+        head = SimplexHead(num_vertices, config.hidden_size, num_outputs) if self.spec.kind == "encoder" else None
+        self.simplex = PrefixSimplex(num_vertices, g.num_layers, g.num_kv_heads, prefix_length, g.head_dim, head)
+        ids = torch.tensor(list(label_token_ids or []), dtype=torch.long)
+        self.register_buffer("label_token_ids", ids, persistent=False)
+
+    # ---- what is trained -------------------------------------------------------------------------
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The simplex (vertices and head); the backbone is frozen."""
+        return self.simplex.parameters()
+
+    @property
+    def num_vertices(self) -> int:
+        return self.simplex.num_vertices
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute backbone activations in backward (non-reentrant, so no input needs grad)."""
+        self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def alpha_rows(self) -> int:
+        """Rows of an ``example_layer`` alpha: one per layer, plus one for the head of an encoder."""
+        return self.geometry.num_layers + (self.simplex.head is not None)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def sample_alpha(
+        self, step: torch.Tensor, example_index: torch.Tensor, granularity: str = "example_layer", seed: int = 0
+    ) -> torch.Tensor:
+        """Dirichlet(1) alpha for a micro-batch (see :func:`simplex.sample_alpha`)."""
+        return simplex.sample_alpha(seed, step, example_index, self.num_vertices, self.alpha_rows, granularity)
+
+    def regulariser(self) -> torch.Tensor:
+        """Mean pairwise cos^2 of the flattened vertices (0-d)."""
+        return simplex.cosine_regulariser(self.simplex.vertices)
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def prefix(self, alpha: torch.Tensor, batch: int) -> torch.Tensor:
+        """Mixed prefix ``[B, L, 2, H_kv, P, D]`` in the backbone's compute dtype."""
+        rows = simplex.expand_alpha(alpha, batch, self.alpha_rows)  # [B, L(+1), K]
+        mixed = simplex.mix_prefix(self.simplex.vertices, rows[:, : self.geometry.num_layers])
+        return mixed.to(self.compute_dtype)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]`` -> ``[B, C]``."""
+        batch = input_ids.shape[0]
+        cache = prefix_cache(self.prefix(alpha, batch))
+        ones = attention_mask.new_ones(batch, self.prefix_length)
+        inputs = dict(
+            input_ids=input_ids,
+            attention_mask=torch.cat([ones, attention_mask], dim=1),  # [B, P + S]: the prefix is visible
+            position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
+            cache=cache,
+            use_cache=False,
+        )
+        if self.spec.kind == "decoder":
+            out = self.backbone(**inputs, logits_to_keep=1)
+            return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
+        hidden = self.backbone(**inputs).last_hidden_state  # [B, S, H]
+        weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, H] mean over real tokens
+        rows = simplex.expand_alpha(alpha, batch, self.alpha_rows)
+        return self.simplex.head(pooled.float(), rows[:, -1])
+
+    # ---- initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def kv_activations(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The frozen model's own keys/values for ``token_ids`` ``[N, P]`` -> ``[N, L, 2, H_kv, P, D]``."""
+        cache = DynamicCache()
+        mask = torch.ones_like(token_ids)
+        self.backbone(input_ids=token_ids, attention_mask=mask, cache=cache, use_cache=True)
+        layers = [torch.stack([layer.keys, layer.values], dim=1) for layer in cache.layers]  # L x [N, 2, H, P, D]
+        return torch.stack(layers, dim=1).float()
+
+
+def random_token_ids(
+    num_vertices: int, prefix_length: int, vocab_size: int, exclude: Sequence[int] = (), seed: int = 0
+) -> torch.Tensor:
+    """``[K, P]`` token ids drawn uniformly from the vocabulary minus ``exclude`` (special tokens)."""
+    allowed = torch.ones(vocab_size, dtype=torch.bool)
+    allowed[torch.tensor(list(exclude), dtype=torch.long)] = False
+    pool = allowed.nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(seed)
+    return pool[torch.randint(len(pool), (num_vertices, prefix_length), generator=gen)]
+
+
+def initial_vertices(
+    model: PrefixSubspaceModel, method: str = "activations", seed: int = 0, std: float = 0.02,
+    exclude_token_ids: Sequence[int] = (),
+) -> torch.Tensor:
+    """Independent starting vertices ``[K, L, 2, H_kv, P, D]`` (float32, on the model's device).
+
+    ``activations``: each vertex = the frozen model's keys/values for P random vocabulary tokens, its own
+    tokens per vertex. ``normal``: i.i.d. N(0, std^2).
+    """
+    shape = model.simplex.vertices.shape
+    device = model.simplex.vertices.device
+    if method == "normal":
+        gen = torch.Generator().manual_seed(seed)
+        return (torch.randn(shape, generator=gen) * std).to(device)
+    if method != "activations":
+        raise ValueError(f"unknown prefix init {method!r}; use 'activations' or 'normal'")
+    ids = random_token_ids(shape[0], shape[4], model.config.vocab_size, exclude_token_ids, seed).to(device)
+    return model.kv_activations(ids)
