@@ -47,8 +47,10 @@ class FewShotSplits:
         """Which examples were used (ids into their source splits), for the run folder."""
         return {
             "task": self.task.name,
-            **{name: {"source": self.sources.get(name, ""), "ids": [e["id"] for e in split]}
-               for name, split in (("train", self.train), ("dev", self.dev), ("test", self.test))},
+            **{
+                name: {"source": self.sources.get(name, ""), "ids": [e["id"] for e in split]}
+                for name, split in (("train", self.train), ("dev", self.dev), ("test", self.test))
+            },
         }
 
 
@@ -61,21 +63,26 @@ def _rotten_tomatoes() -> dict[str, list[Example]]:
     frame = pd.read_csv(path)
     frame = frame[frame["category"] != "plot"].reset_index(drop=True)
     labels = {"rotten": 0, "fresh": 1}
-    return {"all": [{"text": t, "text_pair": None, "label": labels[c], "id": i}
-                    for i, (t, c) in enumerate(zip(frame["text"], frame["category"], strict=True))]}
+    return {
+        "all": [
+            {"text": t, "text_pair": None, "label": labels[c], "id": i}
+            for i, (t, c) in enumerate(zip(frame["text"], frame["category"], strict=True))
+        ]
+    }
 
 
 TASKS: dict[str, tuple[TaskSpec, Callable[[], dict[str, list[Example]]]]] = {
     "rotten_tomatoes": (
-        TaskSpec("rotten_tomatoes", ("negative", "positive"), (" negative", " positive"),
-                 "Review: {text}\nSentiment:"),
+        TaskSpec("rotten_tomatoes", ("negative", "positive"), (" negative", " positive"), "Review: {text}\nSentiment:"),
         _rotten_tomatoes,
     ),
 }
 
 
 # ---- protocols -----------------------------------------------------------------------------------
-def kshot_indices(labels: Sequence[int], k: int, generator: torch.Generator, exclude: set[int] = frozenset()) -> list[int]:
+def kshot_indices(
+    labels: Sequence[int], k: int, generator: torch.Generator, exclude: set[int] = frozenset()
+) -> list[int]:
     """k indices per class, drawn without replacement (a clear error when a class is short)."""
     chosen: list[int] = []
     for cls in sorted(set(labels)):
@@ -103,8 +110,13 @@ def kshot_splits(task: TaskSpec, source: dict[str, list[Example]], k: int, seed:
     else:
         test_source = "validation" if "validation" in source else "test"
         test = source[test_source][:test_size] if test_size else source[test_source]
-    return FewShotSplits(task, [pool[i] for i in train], [pool[i] for i in dev], test,
-                         {"train": pool_name, "dev": pool_name, "test": test_source})
+    return FewShotSplits(
+        task,
+        [pool[i] for i in train],
+        [pool[i] for i in dev],
+        test,
+        {"train": pool_name, "dev": pool_name, "test": test_source},
+    )
 
 
 def load_task(name: str, shots_per_class: int, seed: int, test_size: int = 1000) -> FewShotSplits:
@@ -151,8 +163,19 @@ class Collator:
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         else:
             pairs = [e["text_pair"] for e in examples] if self.task.has_pair else None
-            enc = self.tokenizer([e["text"] for e in examples], pairs, padding=True, truncation=True,
-                                 max_length=self.max_length, return_tensors="pt")
+            enc = self.tokenizer(
+                [e["text"] for e in examples],
+                pairs,
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
+                return_tensors="pt",
+            )
         dtype = torch.float32 if self.task.regression else torch.long
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
-        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels, "index": index}
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+            "index": index,
+        }

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -64,7 +63,12 @@ class PrefixSimplex(nn.Module):
     """Everything that is trained: ``vertices`` ``[K, L, 2, H_kv, P, D]`` and, for encoders, ``head``."""
 
     def __init__(
-        self, num_vertices: int, num_layers: int, num_kv_heads: int, prefix_length: int, head_dim: int,
+        self,
+        num_vertices: int,
+        num_layers: int,
+        num_kv_heads: int,
+        prefix_length: int,
+        head_dim: int,
         head: SimplexHead | None = None,
     ) -> None:
         super().__init__()
@@ -201,7 +205,10 @@ def random_token_ids(
 
 
 def initial_vertices(
-    model: PrefixSubspaceModel, method: str = "activations", seed: int = 0, std: float = 0.02,
+    model: PrefixSubspaceModel,
+    method: str = "activations",
+    seed: int = 0,
+    std: float = 0.02,
     exclude_token_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Independent starting vertices ``[K, L, 2, H_kv, P, D]`` (float32, on the model's device).

@@ -76,7 +76,10 @@ def test_vertex_i_equals_k1_with_that_vertex(family, batch):
         single.simplex.head.weight.data.copy_(triple.simplex.head.weight.data[2:3])
         single.simplex.head.bias.data.copy_(triple.simplex.head.bias.data[2:3])
     torch.testing.assert_close(
-        triple(ids, mask, simplex.vertex_alpha(3, 2)), single(ids, mask, simplex.centroid_alpha(1)), atol=1e-5, rtol=1e-4
+        triple(ids, mask, simplex.vertex_alpha(3, 2)),
+        single(ids, mask, simplex.centroid_alpha(1)),
+        atol=1e-5,
+        rtol=1e-4,
     )
 
 
@@ -101,14 +104,18 @@ def test_masked_out_prefix_leaves_encoder_unchanged(family, batch):
     pos = input_position_ids(spec, mask, P, model.config)
     prefix = model.prefix(simplex.centroid_alpha(1), len(ids)) * 10
     hidden = model.backbone(
-        input_ids=ids, attention_mask=torch.cat([torch.zeros(3, P, dtype=mask.dtype), mask], 1),
-        position_ids=pos, cache=prefix_cache(prefix),
+        input_ids=ids,
+        attention_mask=torch.cat([torch.zeros(3, P, dtype=mask.dtype), mask], 1),
+        position_ids=pos,
+        cache=prefix_cache(prefix),
     ).last_hidden_state
     plain = model.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
     torch.testing.assert_close(hidden, plain, atol=1e-5, rtol=1e-4)
     shown = model.backbone(
-        input_ids=ids, attention_mask=torch.cat([torch.ones(3, P, dtype=mask.dtype), mask], 1),
-        position_ids=pos, cache=prefix_cache(prefix),
+        input_ids=ids,
+        attention_mask=torch.cat([torch.ones(3, P, dtype=mask.dtype), mask], 1),
+        position_ids=pos,
+        cache=prefix_cache(prefix),
     ).last_hidden_state
     assert not torch.allclose(shown, plain, atol=1e-3)
 
@@ -150,9 +157,13 @@ def test_gradient_checkpointing_gives_the_same_vertex_gradients(family, batch):
         if checkpointing:
             model.enable_gradient_checkpointing()
         model.train()
-        calls = []
-        inner = model.backbone.base_model.layers[0].mlp if family != "bert" else model.backbone.encoder.layer[0].intermediate
-        hook = inner.register_forward_pre_hook(lambda *_: calls.append(1))  # pre: recompute stops early
+        calls: list[int] = []
+        inner = (
+            model.backbone.base_model.layers[0].mlp
+            if family != "bert"
+            else model.backbone.encoder.layer[0].intermediate
+        )
+        hook = inner.register_forward_pre_hook(lambda *_, calls=calls: calls.append(1))  # pre: recompute stops early
         model(ids, mask, random_alpha(model, 3)).square().sum().backward()
         hook.remove()
         assert len(calls) == (2 if checkpointing else 1)  # really recomputed in backward
@@ -182,5 +193,5 @@ def test_vertices_start_independent():
 def test_unsupported_family_is_named():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(ValueError, match="not supported.*arch.py"):
+    with pytest.raises(ValueError, match=r"not supported.*arch\.py"):
         PrefixSubspaceModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), 2, 4, label_token_ids=[1])
