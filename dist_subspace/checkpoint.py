@@ -1,0 +1,137 @@
+"""Checkpoints hold only what is trained: the simplex, its optimizer and scheduler, the step, the best-so-far.
+
+Everything is safetensors + JSON (no pickle) and world-size independent (the simplex is replicated).
+A checkpoint is written into a temporary folder and renamed into place, so ``step-N/`` exists only complete.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dist_subspace.export import save_peft_prefix
+from dist_subspace.model import PrefixSubspaceModel
+from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
+
+
+def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
+    """``prefix.vertices`` ``[K, L, 2, H_kv, P, D]`` and ``head.weight``/``head.bias`` when a head exists."""
+    out = {"prefix.vertices": model.simplex.vertices.detach().float().cpu().contiguous()}
+    if model.simplex.head is not None:
+        for name, p in model.simplex.head.named_parameters():
+            out[f"head.{name}"] = p.detach().float().cpu().contiguous()
+    return out
+
+
+@torch.no_grad()
+def load_simplex_tensors(model: PrefixSubspaceModel, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved simplex tensors into ``model`` (shapes must match)."""
+    params = {"prefix.vertices": model.simplex.vertices}
+    if model.simplex.head is not None:
+        params.update({f"head.{n}": p for n, p in model.simplex.head.named_parameters()})
+    if set(params) != set(tensors):
+        raise ValueError(f"checkpoint holds {sorted(tensors)}, the model expects {sorted(params)}")
+    for name, p in params.items():
+        if tuple(tensors[name].shape) != tuple(p.shape):
+            raise ValueError(f"{name}: checkpoint shape {tuple(tensors[name].shape)} != model {tuple(p.shape)}")
+        p.copy_(tensors[name].to(p.device, p.dtype))
+
+
+def _atomic_dir(target: Path) -> Path:
+    tmp = target.parent / f".tmp-{target.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    if target.exists():
+        old = target.parent / f".old-{target.name}"
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(target)
+
+
+def save_checkpoint(
+    folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler, step: int, extra: dict
+) -> None:
+    """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank."""
+    tmp = _atomic_dir(folder)
+    save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, param_state in state["state"].items():
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{key}"] = float(value)
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    best = extra.pop("best_tensors", None)
+    if best is not None:
+        save_file(best, str(tmp / "best_simplex.safetensors"))
+    trainer_state = {
+        "step": step,
+        "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
+        "scheduler": scheduler.state_dict(),
+        **extra,
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    _publish(tmp, folder)
+
+
+def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore simplex, optimizer and scheduler from ``folder``; returns the trainer state (``step``, ...)."""
+    load_simplex_tensors(model, load_file(str(folder / "simplex.safetensors")))
+    state = json.loads((folder / "trainer_state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    per_param: dict[int, dict] = {}
+    for key, value in tensors.items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = value
+    for key, value in state["optimizer"]["scalars"].items():
+        index, name = key.split(".", 1)
+        per_param.setdefault(int(index), {})[name] = torch.tensor(value)
+    optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    best = folder / "best_simplex.safetensors"
+    state["best_tensors"] = load_file(str(best)) if best.exists() else None
+    return state
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete ``checkpoints/step-N`` in a run folder, if any."""
+    folders = [p for p in (output_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
+    return max(folders, key=lambda p: int(p.name[5:])) if folders else None
+
+
+def save_final(folder: Path, model: PrefixSubspaceModel, info: dict) -> None:
+    """``final/``: ``simplex.safetensors``, ``simplex_config.json`` and, for decoders, ``peft_centroid/``."""
+    tmp = _atomic_dir(folder)
+    save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
+    g = model.geometry
+    config = {
+        "num_vertices": model.num_vertices,
+        "prefix_length": model.prefix_length,
+        "num_layers": g.num_layers,
+        "num_kv_heads": g.num_kv_heads,
+        "head_dim": g.head_dim,
+        "kind": model.spec.kind,
+        "dtype": str(model.compute_dtype).removeprefix("torch."),
+        **info,
+    }
+    (tmp / "simplex_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if model.spec.kind == "decoder":
+        with torch.no_grad():
+            k = model.num_vertices
+            alpha = expand_alpha(centroid_alpha(k, model.simplex.vertices.device), 1, g.num_layers)
+            centroid = mix_prefix(model.simplex.vertices.float(), alpha)[0]  # [L, 2, H_kv, P, D]
+        save_peft_prefix(centroid, g, info.get("model", ""), tmp / "peft_centroid")
+    _publish(tmp, folder)

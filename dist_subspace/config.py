@@ -1,0 +1,256 @@
+"""Typed run configuration: dataclasses, YAML files, dotted ``key=value`` overrides.
+
+Unknown keys and wrong types are rejected by name with a hint; every check that can run before a model is
+loaded runs here (``__post_init__``), so a bad run fails in a second, not after loading 70B parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dist_subspace.simplex import GRANULARITIES
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message says how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m"  # an embedded alias (smollm2-135m, minilm-l6), a local folder or a hub id
+    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, float32 on CPU; or float32 / bfloat16 / float16
+    gradient_checkpointing: bool = False
+    max_length: int = 256
+
+    def __post_init__(self) -> None:
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class PrefixConfig:
+    length: int = 8  # P prefix tokens per layer
+    init: str = "activations"  # activations: the frozen model's own K/V of P random tokens; normal: N(0, std^2)
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        _positive("prefix.length", self.length)
+        _choice("prefix.init", self.init, ("activations", "normal"))
+
+
+@dataclass
+class SimplexConfig:
+    vertices: int = 3  # K; K = 1 is ordinary prefix tuning
+    sampling: str = "example_layer"  # batch | example | example_layer
+    beta: float = 1.0  # weight of the vertex-separation regulariser
+
+    def __post_init__(self) -> None:
+        _positive("simplex.vertices", self.vertices)
+        _choice("simplex.sampling", self.sampling, GRANULARITIES)
+
+
+@dataclass
+class DataConfig:
+    task: str = "rotten_tomatoes"  # a registered task name or a local file (.csv/.tsv/.json/.jsonl/.parquet)
+    protocol: str = "kshot"  # kshot: k per class for train and dev; first_n: N train, dev_size dev
+    shots_per_class: int = 16
+    first_n: int = 0
+    dev_size: int = 1000
+    test_size: int = 1000  # cap on test examples (0: the whole test split)
+    seed: int = 0
+    text_field: str = "text"
+    text_pair_field: str | None = None
+    label_field: str = "label"
+    label_words: list[str] | None = None
+    template: str | None = None
+    data_files: dict[str, str] | None = None  # split -> local file, in place of a hub download
+
+    def __post_init__(self) -> None:
+        _choice("data.protocol", self.protocol, ("kshot", "first_n"))
+        if self.protocol == "kshot":
+            _positive("data.shots_per_class", self.shots_per_class)
+        elif self.first_n < 1:
+            raise ConfigError("data.first_n must be >= 1 with data.protocol=first_n; set e.g. data.first_n=100")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    overwrite: bool = False  # allow writing into an output_dir that holds a finished run
+    resume: str = "none"  # none | auto (newest complete checkpoint in output_dir) | a checkpoint folder
+    seed: int = 0
+    max_steps: int = 40  # optimizer steps
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 3e-2
+    weight_decay: float = 0.0
+    warmup_steps: int = 4
+    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    max_grad_norm: float = 1.0
+    log_every: int = 5
+    eval_every: int = 10
+    save_every: int = 20
+    eval_batch_size: int = 32
+    tensorboard: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batch_size"):
+            _positive(f"train.{name}", getattr(self, name))
+        _positive("train.save_every", self.save_every)
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
+        if self.warmup_steps < 0:
+            raise ConfigError("train.warmup_steps must be >= 0")
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "centroid"  # how dev/test are scored: centroid | vertex:I | ensemble:S | sampled:S
+    select_by: str = "centroid"  # which dev score picks the best checkpoint (same syntax as mode)
+    landscape: bool = True  # write landscape.png (dev metric over the simplex) at the end
+    landscape_resolution: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("mode", "select_by"):
+            check_eval_mode(getattr(self, key), f"eval.{key}")
+
+
+@dataclass
+class EngineConfig:
+    deepspeed: str | None = None  # a DeepSpeed JSON (a path or a name in ds_configs/, e.g. zero3_bf16)
+    compile: bool = False  # torch.compile the sampler + mixer
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prefix: PrefixConfig = field(default_factory=PrefixConfig)
+    simplex: SimplexConfig = field(default_factory=SimplexConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_eval_mode(mode: str, key: str = "--mode") -> tuple[str, int | None]:
+    """Parse ``centroid``, ``vertex:I``, ``ensemble:S`` or ``sampled:S`` into (kind, number)."""
+    kind, _, arg = mode.partition(":")
+    if kind == "centroid" and not arg:
+        return kind, None
+    if kind in ("vertex", "ensemble", "sampled") and arg.isdigit() and (kind == "vertex" or int(arg) > 0):
+        return kind, int(arg)
+    raise ConfigError(f"{key}={mode!r} is not a mode; use centroid, vertex:I, ensemble:S or sampled:S (S > 0)")
+
+
+# ---- parsing -------------------------------------------------------------------------------------
+def _choice(key: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
+
+
+def _positive(key: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1 (got {value})")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's annotation; YAML-parse strings from the command line."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, list):
+            return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
+    else:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be {name}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
+        if dataclasses.is_dataclass(hints[key]):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key} is a section; give it as a mapping, e.g. {prefix}{key}.x=...")
+            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *path, last = dotted.split(".")
+    node = tree
+    for part in path:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+    node[last] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A :class:`Config` from an optional YAML file, then ``section.key=value`` overrides (YAML values)."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, train:, ...)")
+    for item in overrides:
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. simplex.vertices=4")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return _build(Config, tree, "")
+
+
+def save_config(config: Config, path: Path) -> None:
+    """Write the resolved config as YAML (loadable with ``--config``)."""
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

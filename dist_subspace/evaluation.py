@@ -1,0 +1,96 @@
+"""Scoring a prefix subspace: centroid, a vertex, an ensemble of sampled points, or S sampled models.
+
+Distributed: each rank scores an equal-length shard (padded by repeating examples, since under ZeRO-3 every
+rank must run the same number of forwards), then the outputs are gathered and de-duplicated by example
+index, so no example is dropped or counted twice at uneven splits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from dist_subspace import simplex
+from dist_subspace.config import check_eval_mode
+from dist_subspace.data import Collator, Example, TaskSpec
+from dist_subspace.metrics import compute_metrics, predict
+from dist_subspace.model import PrefixSubspaceModel
+
+EVAL_SEED = 0x5EED  # sampled evaluation points are fixed: the same run always scores the same points
+
+
+def _shard(n: int, rank: int, world: int) -> list[int]:
+    per_rank = math.ceil(n / world) if n else 0
+    mine = list(range(rank, n, world))
+    return mine + mine[: per_rank - len(mine)] if mine else [0] * per_rank
+
+
+@torch.no_grad()
+def model_outputs(
+    model: PrefixSubspaceModel, engine, examples: Sequence[Example], collator: Collator, batch_size: int,
+    alphas: Sequence[torch.Tensor | str],
+) -> list[torch.Tensor]:
+    """Class logits ``[N, C]`` (float32, in example order) for each alpha in ``alphas``.
+
+    An alpha is a ``[K]`` point, or ``"sample:<granularity>:<s>"`` for per-example draws from the fixed
+    evaluation sampler (draw ``s``).
+    """
+    model.eval()
+    order = _shard(len(examples), engine.rank, engine.world_size)
+    lengths = [len(examples[i]["text"]) + len(examples[i].get("text_pair") or "") for i in order]
+    order = [i for _, i in sorted(zip(lengths, order, strict=True))]  # similar lengths batch together
+    device = model.simplex.vertices.device
+    results: list[list[tuple[int, torch.Tensor]]] = [[] for _ in alphas]
+    for start in range(0, len(order), batch_size):
+        ids = order[start : start + batch_size]
+        batch = collator([(i, examples[i]) for i in ids])
+        input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        for a, alpha in enumerate(alphas):
+            if isinstance(alpha, str):
+                _, granularity, draw = alpha.split(":")
+                step = torch.tensor(int(draw), device=device)
+                alpha = model.sample_alpha(step, batch["index"].to(device), granularity, seed=EVAL_SEED)
+            logits = model(input_ids, mask, alpha.to(device)).float().cpu()
+            results[a].extend(zip(ids, logits, strict=True))
+    outputs = []
+    for pairs in results:
+        gathered = {i: t for shard in engine.gather_objects(pairs) for i, t in shard}
+        outputs.append(torch.stack([gathered[i] for i in range(len(examples))]) if examples else torch.empty(0))
+    return outputs
+
+
+def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
+    return logits if task.regression and logits.shape[-1] == 1 else logits.softmax(-1)
+
+
+def evaluate(
+    model: PrefixSubspaceModel, engine, examples: Sequence[Example], collator: Collator, task: TaskSpec, mode: str,
+    batch_size: int = 32, granularity: str = "example_layer",
+) -> dict:
+    """Score ``examples`` under ``mode``; returns metrics, ``mode`` and ``n`` (plus ``*_std`` for sampled)."""
+    kind, number = check_eval_mode(mode)
+    k = model.num_vertices
+    labels = torch.tensor([e["label"] for e in examples])
+    if kind in ("centroid", "vertex"):
+        point = simplex.centroid_alpha(k) if kind == "centroid" else simplex.vertex_alpha(k, number)
+        (logits,) = model_outputs(model, engine, examples, collator, batch_size, [point])
+        result = compute_metrics(task, predict(task, logits), labels)
+    elif kind == "ensemble":
+        draws = [f"sample:{granularity}:{s}" for s in range(number)]
+        outputs = model_outputs(model, engine, examples, collator, batch_size, draws)
+        mean = torch.stack([_probabilities(task, o) for o in outputs]).mean(0)
+        logits = mean if task.regression and mean.shape[-1] == 1 else mean.log()
+        result = compute_metrics(task, predict(task, logits), labels)
+    else:  # sampled: S models of the subspace, each one point for every example
+        points = simplex.sample_alpha(EVAL_SEED, torch.tensor(0), torch.arange(number), k, 1, "example")
+        outputs = model_outputs(model, engine, examples, collator, batch_size, list(points))
+        runs = [compute_metrics(task, predict(task, o), labels) for o in outputs]
+        result = {}
+        for key in runs[0]:
+            values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+            result[key] = values.mean().item()
+            result[f"{key}_std"] = values.std(unbiased=False).item()
+        result["samples"] = [r[task.metric] for r in runs]
+    return {**result, "mode": mode, "n": len(examples)}
