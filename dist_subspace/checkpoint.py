@@ -20,10 +20,14 @@ from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
     """``prefix.vertices`` ``[K, L, 2, H_kv, P, D]`` and ``head.weight``/``head.bias`` when a head exists."""
-    out = {"prefix.vertices": model.simplex.vertices.detach().float().cpu().contiguous()}
+
+    def snapshot(p: torch.Tensor) -> torch.Tensor:  # a copy: never an alias of the live parameter
+        return p.detach().to("cpu", torch.float32, copy=True).contiguous()
+
+    out = {"prefix.vertices": snapshot(model.simplex.vertices)}
     if model.simplex.head is not None:
         for name, p in model.simplex.head.named_parameters():
-            out[f"head.{name}"] = p.detach().float().cpu().contiguous()
+            out[f"head.{name}"] = snapshot(p)
     return out
 
 

@@ -100,6 +100,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     tensorboard: bool = False
     progress: bool = True
+    trace: bool = False  # write ranks/trace-rank-R.safetensors: every step's example indices and alphas on this rank
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batch_size"):

@@ -128,10 +128,16 @@ class Engine:
         return model
 
     def wrap_backbone(self, backbone: nn.Module) -> nn.Module:
-        """A DeepSpeed engine around the frozen backbone (no optimizer: nothing in it trains), or itself."""
+        """Hand the frozen backbone to DeepSpeed (no optimizer: nothing in it trains); returns the module to call.
+
+        ZeRO-3's gather/release hooks live on the module's own submodules, so we call the module, not the
+        engine: the engine's forward adds training bookkeeping for an optimizer it does not have (and then
+        refuses ``loss.backward()``). The engine is kept alive here, with its hooks.
+        """
         if not self.deepspeed:
             return backbone
-        return self.accelerator.prepare(backbone)
+        self.ds_engine = self.accelerator.prepare(backbone)
+        return self.ds_engine.module
 
     # ---- collectives -----------------------------------------------------------------------------
     def all_reduce_mean_grads(self, params: Sequence[nn.Parameter]) -> None:

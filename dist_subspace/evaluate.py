@@ -24,8 +24,14 @@ from dist_subspace.model import PrefixSubspaceModel
 
 
 def write_landscape(
-    model: PrefixSubspaceModel, engine, examples: list[Example], collator: Collator, task: TaskSpec, out_dir: Path,
-    resolution: int = 8, batch_size: int = 32,
+    model: PrefixSubspaceModel,
+    engine,
+    examples: list[Example],
+    collator: Collator,
+    task: TaskSpec,
+    out_dir: Path,
+    resolution: int = 8,
+    batch_size: int = 32,
 ) -> Path | None:
     """``landscape.png``: the metric over a grid on the triangle (K = 3) or along each vertex-to-centroid
     segment (K = 2 or K > 3); ``landscape.json`` holds the numbers. Returns the PNG path (on rank 0)."""
@@ -58,7 +64,9 @@ def write_landscape(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--mode", default=None, help="centroid | vertex:I | ensemble:S | sampled:S (default: the run's)")
+    parser.add_argument(
+        "--mode", default=None, help="centroid | vertex:I | ensemble:S | sampled:S (default: the run's)"
+    )
     parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="data overrides, e.g. task=f.csv")
     parser.add_argument("--landscape", action="store_true", help="also write landscape.png for the split")

@@ -29,7 +29,11 @@ def _shard(n: int, rank: int, world: int) -> list[int]:
 
 @torch.no_grad()
 def model_outputs(
-    model: PrefixSubspaceModel, engine, examples: Sequence[Example], collator: Collator, batch_size: int,
+    model: PrefixSubspaceModel,
+    engine,
+    examples: Sequence[Example],
+    collator: Collator,
+    batch_size: int,
     alphas: Sequence[torch.Tensor | str],
 ) -> list[torch.Tensor]:
     """Class logits ``[N, C]`` (float32, in example order) for each alpha in ``alphas``.
@@ -66,8 +70,14 @@ def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(
-    model: PrefixSubspaceModel, engine, examples: Sequence[Example], collator: Collator, task: TaskSpec, mode: str,
-    batch_size: int = 32, granularity: str = "example_layer",
+    model: PrefixSubspaceModel,
+    engine,
+    examples: Sequence[Example],
+    collator: Collator,
+    task: TaskSpec,
+    mode: str,
+    batch_size: int = 32,
+    granularity: str = "example_layer",
 ) -> dict:
     """Score ``examples`` under ``mode``; returns metrics, ``mode`` and ``n`` (plus ``*_std`` for sampled)."""
     kind, number = check_eval_mode(mode)

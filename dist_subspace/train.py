@@ -11,6 +11,7 @@ Data flows one way: config -> data -> backbone + simplex -> engine -> loop -> ch
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -20,11 +21,12 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dist_subspace import simplex
+from dist_subspace.arch import arch_spec
 from dist_subspace.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final, simplex_tensors
 from dist_subspace.config import Config, ConfigError, load_config, save_config
-from dist_subspace.arch import arch_spec
 from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_splits
 from dist_subspace.embedded import resolve_model
 from dist_subspace.engine import Engine, parameter_counts
@@ -76,7 +78,7 @@ def build(cfg: Config, engine: Engine) -> tuple[FewShotSplits, Collator, PrefixS
     if decoder:
         model = PrefixSubspaceModel(backbone, k, p, label_token_ids=label_token_ids(tokenizer, task.label_words))
     else:
-        model = PrefixSubspaceModel(backbone, k, p, num_outputs=1 if task.regression else len(task.label_names))
+        model = PrefixSubspaceModel(backbone, k, p, num_outputs=task.head_outputs)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     model.simplex.to(engine.device)
@@ -113,6 +115,7 @@ class Recipe:
             self.optimizer, lambda s: lr_factor(s, t.warmup_steps, t.max_steps, t.schedule)
         )
         self.step = 0
+        self.trace: dict[str, torch.Tensor] = {}
         self.best: dict = {"score": None, "step": None, "tensors": None}
         self.sampler = simplex.sample_alpha
         if cfg.engine.compile:
@@ -133,8 +136,11 @@ class Recipe:
             return
         state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
-        self.best = {"score": state.get("best_score"), "step": state.get("best_step"),
-                     "tensors": state.get("best_tensors")}
+        self.best = {
+            "score": state.get("best_score"),
+            "step": state.get("best_step"),
+            "tensors": state.get("best_tensors"),
+        }
         self.log(f"resumed from {folder} at step {self.step}")
 
     def _log_setup(self, path: str) -> None:
@@ -144,12 +150,18 @@ class Recipe:
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
         self.log(f"engine: {engine.describe()}")
         self.log(f"model: {path} ({self.model.spec.kind}), L={g.num_layers} H_kv={g.num_kv_heads} D={g.head_dim}")
-        self.log(f"simplex: K={cfg.simplex.vertices} P={cfg.prefix.length} sampling={cfg.simplex.sampling} "
-                 f"beta={cfg.simplex.beta} init={cfg.prefix.init}")
-        self.log(f"parameters: trainable {trainable:,} / frozen {frozen:,}; frozen bytes on this rank "
-                 f"{local_bytes / 2**20:.1f} MiB")
-        self.log(f"global batch {global_batch} = micro {cfg.train.micro_batch_size} x accumulation "
-                 f"{cfg.train.grad_accum} x world {engine.world_size}; {cfg.train.max_steps} optimizer steps")
+        self.log(
+            f"simplex: K={cfg.simplex.vertices} P={cfg.prefix.length} sampling={cfg.simplex.sampling} "
+            f"beta={cfg.simplex.beta} init={cfg.prefix.init}"
+        )
+        self.log(
+            f"parameters: trainable {trainable:,} / frozen {frozen:,}; frozen bytes on this rank "
+            f"{local_bytes / 2**20:.1f} MiB"
+        )
+        self.log(
+            f"global batch {global_batch} = micro {cfg.train.micro_batch_size} x accumulation "
+            f"{cfg.train.grad_accum} x world {engine.world_size}; {cfg.train.max_steps} optimizer steps"
+        )
         s = self.splits
         self.log(f"data: {s.task.name}: train {len(s.train)}, dev {len(s.dev)}, test {len(s.test)}")
 
@@ -182,8 +194,17 @@ class Recipe:
             chunk = micro * engine.world_size + engine.rank  # the same chunks whatever the world/accum split
             ids = order[chunk * mb : (chunk + 1) * mb]
             batch = {k: v.to(engine.device) for k, v in self.collator([(i, examples[i]) for i in ids]).items()}
-            alpha = self.sampler(cfg.train.seed, self.step_tensor, batch["index"], model.num_vertices,
-                                 model.alpha_rows, cfg.simplex.sampling)
+            alpha = self.sampler(
+                cfg.train.seed,
+                self.step_tensor,
+                batch["index"],
+                model.num_vertices,
+                model.alpha_rows,
+                cfg.simplex.sampling,
+            )
+            if cfg.train.trace:
+                self.trace[f"step{self.step}.micro{micro}.index"] = batch["index"].cpu()
+                self.trace[f"step{self.step}.micro{micro}.alpha"] = alpha.detach().cpu()
             logits = model(batch["input_ids"], batch["attention_mask"], alpha)
             loss = task_loss(self.splits.task, logits, batch["labels"]) / accum
             loss.backward()
@@ -204,8 +225,16 @@ class Recipe:
 
     def validate(self, split: str, mode: str | None = None) -> dict:
         examples = self.splits.dev if split == "dev" else self.splits.test
-        result = evaluate(self.model, self.engine, examples, self.collator, self.splits.task,
-                          mode or self.cfg.eval.mode, self.cfg.train.eval_batch_size, self.cfg.simplex.sampling)
+        result = evaluate(
+            self.model,
+            self.engine,
+            examples,
+            self.collator,
+            self.splits.task,
+            mode or self.cfg.eval.mode,
+            self.cfg.train.eval_batch_size,
+            self.cfg.simplex.sampling,
+        )
         self.record(split, **{k: v for k, v in result.items() if k != "samples"})
         return result
 
@@ -219,14 +248,23 @@ class Recipe:
 
     def save(self) -> None:
         if self.engine.is_main:
-            extra = {"best_score": self.best["score"], "best_step": self.best["step"],
-                     "best_tensors": self.best["tensors"]}
-            save_checkpoint(self.out / "checkpoints" / f"step-{self.step}", self.model, self.optimizer,
-                            self.scheduler, self.step, extra)
+            extra = {
+                "best_score": self.best["score"],
+                "best_step": self.best["step"],
+                "best_tensors": self.best["tensors"],
+            }
+            save_checkpoint(
+                self.out / "checkpoints" / f"step-{self.step}",
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.step,
+                extra,
+            )
         self.engine.barrier()
 
     def train(self) -> dict:
-        cfg, t = self.cfg, self.cfg.train
+        t = self.cfg.train
         metric = self.splits.task.metric
         self.writer = None
         if t.tensorboard and self.engine.is_main:
@@ -253,8 +291,14 @@ class Recipe:
                 loss = torch.stack(losses).mean().item()
                 elapsed = time.perf_counter() - clock
                 rate = global_batch * len(losses) / elapsed
-                self.record("train", loss=loss, regulariser=self.reg.item(), lr=self.scheduler.get_last_lr()[0],
-                            grad_norm=float(self.grad_norm), examples_per_s=rate)
+                self.record(
+                    "train",
+                    loss=loss,
+                    regulariser=self.reg.item(),
+                    lr=self.scheduler.get_last_lr()[0],
+                    grad_norm=float(self.grad_norm),
+                    examples_per_s=rate,
+                )
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
                 clock, losses = time.perf_counter(), []
@@ -276,21 +320,57 @@ class Recipe:
             load_simplex_tensors(self.model, self.best["tensors"])
         final = self.validate("test")
         summary.update(test_final=final[metric], selected_step=self.best["step"], mode=self.cfg.eval.mode)
-        self.log(f"test {metric} after training ({self.cfg.eval.mode}, dev-selected step {self.best['step']}): "
-                 f"{final[metric]:.4f} (n={final['n']})")
+        self.log(
+            f"test {metric} after training ({self.cfg.eval.mode}, dev-selected step {self.best['step']}): "
+            f"{final[metric]:.4f} (n={final['n']})"
+        )
         if self.engine.is_main:
-            info = {"model": self.cfg.model.name_or_path, "sampling": self.cfg.simplex.sampling,
-                    "task": self.splits.task.name, "selected_step": self.best["step"],
-                    "selected_by": self.cfg.eval.select_by, "dev_score": self.best["score"]}
+            info = {
+                "model": self.cfg.model.name_or_path,
+                "sampling": self.cfg.simplex.sampling,
+                "task": self.splits.task.name,
+                "selected_step": self.best["step"],
+                "selected_by": self.cfg.eval.select_by,
+                "dev_score": self.best["score"],
+            }
             save_final(self.out / "final", self.model, info)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        self._write_rank_facts()
+        if self.trace:
+            save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
         if self.cfg.eval.landscape:
             from dist_subspace.evaluate import write_landscape
 
-            write_landscape(self.model, self.engine, self.splits.dev, self.collator, self.splits.task,
-                            self.out, self.cfg.eval.landscape_resolution, self.cfg.train.eval_batch_size)
+            write_landscape(
+                self.model,
+                self.engine,
+                self.splits.dev,
+                self.collator,
+                self.splits.task,
+                self.out,
+                self.cfg.eval.landscape_resolution,
+                self.cfg.train.eval_batch_size,
+            )
         self.engine.barrier()
         return summary
+
+    def _write_rank_facts(self) -> None:
+        """``ranks/rank-R.json``: what this rank holds (frozen shard, a hash of its simplex), to check sharding."""
+        _, frozen, local_bytes = parameter_counts(self.model)
+        digest = hashlib.sha256()
+        for name, tensor in sorted(simplex_tensors(self.model).items()):
+            digest.update(name.encode() + tensor.numpy().tobytes())
+        facts = {
+            "rank": self.engine.rank,
+            "world_size": self.engine.world_size,
+            "frozen_numel": frozen,
+            "frozen_local_bytes": local_bytes,
+            "dtype": str(self.model.compute_dtype),
+            "simplex_sha256": digest.hexdigest(),
+        }
+        folder = self.out / "ranks"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank-{self.engine.rank}.json").write_text(json.dumps(facts) + "\n")
 
     def cleanup(self) -> None:
         if getattr(self, "writer", None) is not None:
@@ -313,19 +393,21 @@ def prepare_output_dir(cfg: Config) -> None:
         raise ConfigError(f"train.resume={cfg.train.resume!r} is not a checkpoint folder (no trainer_state.json)")
 
 
-def parse_args(argv: list[str] | None) -> tuple[str | None, list[str]]:
+def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool]:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a YAML file; without it the embedded default runs")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. simplex.vertices=4")
     args = parser.parse_args(argv)
-    return args.config, args.overrides
+    return args.config, args.overrides, args.local_rank is not None
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_path, overrides = parse_args(argv)
+    config_path, overrides, deepspeed_launcher = parse_args(argv)
     try:
         cfg = load_config(config_path, overrides)
+        if deepspeed_launcher and cfg.engine.deepspeed is None:
+            cfg.engine.deepspeed = "zero3_bf16"  # launched by `deepspeed`: it means DeepSpeed; ZeRO-3 by default
         prepare_output_dir(cfg)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -341,6 +423,10 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         (out / "examples.json").write_text(json.dumps(recipe.splits.manifest()) + "\n")
+        log = out / "metrics.jsonl"
+        if recipe.step > 0 and log.exists():  # resumed: drop rows logged after the checkpoint was taken
+            rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] <= recipe.step]
+            log.write_text("".join(f"{r}\n" for r in rows))
         if cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked): clear the old one
             for stale in ("checkpoints", "final"):
                 shutil.rmtree(out / stale, ignore_errors=True)

@@ -46,3 +46,32 @@ def batch():
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # one left-padded row (decoders pad on the left)
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def small_assets(tmp_path_factory):
+    """(model folder, data file): SmolLM2 cut to 4 layers and 400 labelled synthetic reviews."""
+    from tests.assets import make_sentiment_file, make_small_smollm2
+
+    root = tmp_path_factory.mktemp("assets")
+    return make_small_smollm2(root / "smollm2-4l"), make_sentiment_file(root / "reviews.jsonl")
+
+
+def run_args(model_dir, data_file, out_dir, *extra: str) -> list[str]:
+    """Overrides for a short real run on the small assets (each test adds its own)."""
+    return [
+        f"model.name_or_path={model_dir}",
+        f"data.task={data_file}",
+        "data.shots_per_class=8",
+        "data.test_size=41",
+        f"train.output_dir={out_dir}",
+        "train.max_steps=12",
+        "train.micro_batch_size=4",
+        "train.eval_every=6",
+        "train.save_every=6",
+        "train.log_every=2",
+        "train.progress=false",
+        "train.warmup_steps=2",
+        "eval.landscape_resolution=3",
+        *extra,
+    ]

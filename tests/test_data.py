@@ -1,0 +1,223 @@
+"""Tasks and few-shot protocols: counts, determinism, disjointness, clear errors; no network (local files only)."""
+
+import csv
+import json
+from collections import Counter
+
+import pytest
+import torch
+
+from dist_subspace.data import GLUE, TASKS, Collator, kshot_indices, load_splits, load_task
+
+
+def _ids(split):
+    return [e["id"] for e in split]
+
+
+def _disjoint(splits):
+    """Splits drawn from the same source split share no id."""
+    by_source = {}
+    for name in ("train", "dev", "test"):
+        by_source.setdefault(splits.sources[name], []).extend(_ids(getattr(splits, name)))
+    for ids in by_source.values():
+        assert len(ids) == len(set(ids))
+
+
+def _write_tsv(path, header, rows):
+    path.write_text("".join("\t".join(map(str, row)) + "\n" for row in [header, *rows]))
+    return str(path)
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def sst2_files(tmp_path):
+    """GLUE sst2 in the hub's column names: 30 train rows (15 per class), 12 validation rows."""
+    train = [(f'train sentence {i} with "quotes"', i % 2, i) for i in range(30)]
+    val = [(f"validation sentence {i}", i % 2, i) for i in range(12)]
+    header = ("sentence", "label", "idx")
+    return {
+        "train": _write_tsv(tmp_path / "train.tsv", header, train),
+        "validation": _write_tsv(tmp_path / "dev.tsv", header, val),
+    }
+
+
+# ---- protocols -----------------------------------------------------------------------------------
+def test_kshot_counts_determinism_disjoint(sst2_files):
+    a = load_splits("sst2", shots_per_class=4, seed=0, test_size=0, data_files=sst2_files)
+    assert Counter(e["label"] for e in a.train) == {0: 4, 1: 4}
+    assert Counter(e["label"] for e in a.dev) == {0: 4, 1: 4}
+    assert len(a.test) == 12 and a.sources == {"train": "train", "dev": "train", "test": "validation"}
+    assert not set(_ids(a.train)) & set(_ids(a.dev))
+    same = load_splits("sst2", shots_per_class=4, seed=0, test_size=0, data_files=sst2_files)
+    other = load_splits("sst2", shots_per_class=4, seed=1, test_size=0, data_files=sst2_files)
+    assert _ids(same.train) == _ids(a.train) and _ids(same.dev) == _ids(a.dev)
+    assert _ids(other.train) != _ids(a.train)
+    assert a.manifest()["train"] == {"source": "train", "ids": _ids(a.train)}
+
+
+def test_kshot_short_class_error(sst2_files):
+    with pytest.raises(ValueError, match=r"fewer than k=8.*shots_per_class"):
+        load_splits("sst2", shots_per_class=8, data_files=sst2_files)  # 15 per class: 8 train leave 7 for dev
+
+
+def test_kshot_indices_direct():
+    gen = torch.Generator().manual_seed(0)
+    chosen = kshot_indices([0, 1, 0, 1, 0, 1, 2, 2], 2, gen)
+    assert Counter([0, 1, 0, 1, 0, 1, 2, 2][i] for i in chosen) == {0: 2, 1: 2, 2: 2}
+    with pytest.raises(ValueError, match="class 'c' has 0 examples"):
+        kshot_indices([0, 1, 0, 1], 1, gen, names=("a", "b", "c"))
+
+
+def test_first_n_counts_disjoint(sst2_files):
+    s = load_splits("sst2", protocol="first_n", first_n=10, dev_size=6, test_size=5, seed=3, data_files=sst2_files)
+    assert (len(s.train), len(s.dev), len(s.test)) == (10, 6, 5)
+    _disjoint(s)
+    assert _ids(load_splits("sst2", "first_n", first_n=10, dev_size=6, seed=3, data_files=sst2_files).train) == _ids(
+        s.train
+    )
+    with pytest.raises(ValueError, match="exceeds the 30 training examples"):
+        load_splits("sst2", protocol="first_n", first_n=25, dev_size=6, data_files=sst2_files)
+
+
+def test_one_split_source_holds_out_test(tmp_path):
+    rows = [{"review": f"text {i}", "stars": ["bad", "good", "ok"][i % 3]} for i in range(60)]
+    path = _write_jsonl(tmp_path / "reviews.jsonl", rows)
+    kw = dict(text_field="review", label_field="stars", shots_per_class=3, test_size=10)
+    a, b = load_splits(path, seed=0, **kw), load_splits(path, seed=1, **kw)
+    assert (len(a.train), len(a.dev), len(a.test)) == (9, 9, 10)
+    assert _ids(a.test) == _ids(b.test)  # a capped test split does not depend on the seed
+    _disjoint(a)
+    rest = load_splits(path, seed=0, **{**kw, "test_size": 0})
+    assert len(rest.test) == 60 - 18
+    _disjoint(rest)
+
+
+# ---- GLUE in the hub's format, from local files --------------------------------------------------
+def test_glue_sst2_local(sst2_files):
+    s = load_splits("glue:sst2", shots_per_class=2, test_size=5, data_files=sst2_files)
+    assert s.task is TASKS["sst2"] or s.task == TASKS["sst2"]
+    assert s.task.label_words == (" terrible", " great") and not s.task.has_pair
+    assert len(s.test) == 5 and all(e["text_pair"] is None for e in s.train)
+    assert '"quotes"' in s.train[0]["text"]  # TSV: quotes are text
+
+
+def test_glue_pair_task_local(tmp_path):
+    header = ("sentence1", "sentence2", "label", "idx")
+    rows = [(f"a{i}", f"b{i}", ["entailment", "not_entailment"][i % 2], i) for i in range(20)]
+    with open(tmp_path / "train.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    val = [dict(zip(header, (f"c{i}", f"d{i}", i % 2, i), strict=True)) for i in range(6)]
+    files = {"train": str(tmp_path / "train.csv"), "validation": _write_jsonl(tmp_path / "val.jsonl", val)}
+    s = load_splits("rte", shots_per_class=3, data_files=files)
+    assert s.task.has_pair and s.task.label_names == ("entailment", "not_entailment")
+    assert all(e["text_pair"] == "b" + e["text"][1:] for e in s.train)  # string labels map to their index
+    assert Counter(e["label"] for e in s.train) == {0: 3, 1: 3}
+    assert len(s.test) == 6
+
+
+def test_glue_stsb_regression_local(tmp_path):
+    rows = [{"sentence1": f"x{i}", "sentence2": f"y{i}", "label": i / 8, "idx": i} for i in range(41)]
+    val = [
+        {"sentence1": "p", "sentence2": "q", "label": 2.5, "idx": 0},
+        {"sentence1": "r", "sentence2": "s", "label": -1},
+    ]
+    files = {
+        "train": _write_jsonl(tmp_path / "train.jsonl", rows),
+        "validation": _write_jsonl(tmp_path / "v.jsonl", val),
+    }
+    s = load_splits("stsb", shots_per_class=4, data_files=files)
+    assert s.task.regression and s.task.label_range == (0, 5) and s.task.head_outputs == 1
+    labels = [e["label"] for e in s.train]
+    assert sum(y >= 2.5 for y in labels) == 4 and sum(y < 2.5 for y in labels) == 4  # k per half, median 2.5
+    assert [e["label"] for e in s.test] == [2.5]  # GLUE's unlabelled -1 rows are dropped
+    batch = Collator(_FakeTokenizer(), s.task, decoder=False)(list(enumerate(s.train)))
+    assert batch["labels"].dtype == torch.float32
+
+
+def test_glue_hub_path_uses_registered_columns(monkeypatch):
+    """The hub loader (no network here: load_dataset is replaced) reads mnli's validation_matched split."""
+    import datasets
+
+    def fake_load_dataset(path, name):
+        assert (path, name) == ("nyu-mll/glue", "mnli")
+        row = lambda i: {"premise": f"p{i}", "hypothesis": f"h{i}", "label": i % 3, "idx": i}  # noqa: E731
+        return datasets.DatasetDict(
+            train=datasets.Dataset.from_list([row(i) for i in range(12)]),
+            validation_matched=datasets.Dataset.from_list([row(i) for i in range(5)]),
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    s = load_splits("mnli", shots_per_class=2, test_size=0)
+    assert s.sources["test"] == "validation_matched" and len(s.test) == 5
+    assert s.train[0]["text"].startswith("p") and s.train[0]["text_pair"].startswith("h")
+
+
+def test_glue_registry_is_consistent():
+    assert set(GLUE) == {"sst2", "cola", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte"}
+    for name, (_, pair, _) in GLUE.items():
+        task = TASKS[name]
+        assert task.has_pair == (pair is not None)
+        assert all(w.startswith(" ") for w in task.label_words)
+        task.template.format(text="a", text_pair="b")
+
+
+# ---- offline tasks and local files ---------------------------------------------------------------
+def test_offline_tasks_load():
+    r8 = load_splits("reuters_r8", protocol="first_n", first_n=5485 - 5, dev_size=5, test_size=0)
+    assert len(r8.train) + len(r8.dev) == 5485 and len(r8.test) == 2189
+    assert len(r8.task.label_names) == 8 and set(Counter(e["label"] for e in r8.test)) == set(range(8))
+    rt = load_task("rotten_tomatoes", shots_per_class=4, seed=0, test_size=0)
+    assert len(rt.train) == len(rt.dev) == 8 and len(rt.test) == 12_808 - 16
+    _disjoint(rt)
+
+
+def test_local_csv_and_jsonl_custom_fields(tmp_path):
+    rows = [{"q": f"question {i}", "a": f"answer {i}", "y": ["no", "yes"][i % 2]} for i in range(20)]
+    jsonl = _write_jsonl(tmp_path / "qa.jsonl", rows)
+    csv_path = tmp_path / "qa.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["q", "a", "y"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for path in (jsonl, str(csv_path)):
+        s = load_splits(path, shots_per_class=2, test_size=4, text_field="q", text_pair_field="a", label_field="y")
+        assert s.task.label_names == ("no", "yes") and s.task.label_words == (" no", " yes")
+        assert s.task.has_pair and s.train[0]["text_pair"].startswith("answer")
+        assert (len(s.train), len(s.dev), len(s.test)) == (4, 4, 4)
+    s = load_splits(jsonl, shots_per_class=2, test_size=4, text_field="q", label_field="y", label_words=[" No", " Yes"])
+    assert s.task.label_words == (" No", " Yes")
+    with pytest.raises(ValueError, match=r"no column 'text'; columns present: \['q', 'a', 'y'\]"):
+        load_splits(jsonl, label_field="y")
+    with pytest.raises(ValueError, match=r"test_size=20 holds out all 20"):
+        load_splits(jsonl, shots_per_class=2, test_size=20, text_field="q", label_field="y")
+
+
+def test_clear_errors(tmp_path, sst2_files):
+    with pytest.raises(ValueError, match=r"unknown task 'nope'; registered: .*sst2"):
+        load_splits("nope")
+    with pytest.raises(ValueError, match="not found"):
+        load_splits(str(tmp_path / "missing.csv"))
+    with pytest.raises(ValueError, match=r"unknown data\.protocol"):
+        load_splits("sst2", protocol="all", data_files=sst2_files)
+    with pytest.raises(ValueError, match="3 label words for 2 labels"):
+        load_splits("sst2", label_words=[" a", " b", " c"], data_files=sst2_files)
+    with pytest.raises(ValueError, match=r"split names .* got keys \['dev', 'train'\]"):
+        load_splits("sst2", data_files={"train": sst2_files["train"], "dev": sst2_files["validation"]})
+    with pytest.raises(ValueError, match="must contain"):
+        load_splits("sst2", template="no placeholder", data_files=sst2_files)
+
+
+class _FakeTokenizer:
+    """Enough of a tokenizer for Collator: one id per character."""
+
+    pad_token, eos_token = "<pad>", "<pad>"
+
+    def __call__(self, texts, pairs=None, padding=True, truncation=True, max_length=256, return_tensors="pt"):
+        texts = [t + (p or "") for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
+        width = max(len(t) for t in texts)
+        ids = torch.tensor([[ord(c) for c in t] + [0] * (width - len(t)) for t in texts])
+        return {"input_ids": ids, "attention_mask": (ids > 0).long()}

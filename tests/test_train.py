@@ -1,0 +1,154 @@
+"""The trainer in one process on a small real model: the run-folder contract, resume, export, config errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dist_subspace import simplex
+from dist_subspace.config import ConfigError, load_config
+from dist_subspace.train import main, step_examples
+from tests.conftest import run_args
+
+pytestmark = pytest.mark.slow
+
+
+def test_step_examples_cover_epochs_and_depend_only_on_seed_and_step():
+    first_epoch = step_examples(10, 0, 0, 4) + step_examples(10, 0, 1, 4) + step_examples(10, 0, 2, 4)[:2]
+    assert sorted(first_epoch) == list(range(10))  # every example once per epoch
+    assert step_examples(10, 0, 2, 4) == step_examples(10, 0, 2, 4)
+    assert step_examples(10, 0, 2, 4) != step_examples(10, 1, 2, 4)
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_assets, tmp_path_factory):
+    model_dir, data = small_assets
+    out = tmp_path_factory.mktemp("run") / "run"
+    assert main(run_args(model_dir, data, out, "simplex.vertices=3", "train.trace=true")) == 0
+    return out
+
+
+def test_run_folder_contract(finished_run):
+    out = finished_run
+    config = load_config(out / "config.yaml")  # the resolved config loads back
+    assert config.simplex.vertices == 3
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("step" in r and "split" in r for r in rows)
+    train = [r for r in rows if r["split"] == "train"]
+    assert {"loss", "lr", "examples_per_s", "grad_norm"} <= set(train[0])
+    assert sum(r["loss"] for r in train[-2:]) < sum(r["loss"] for r in train[:2])  # it learns
+    assert {r["split"] for r in rows} == {"train", "dev", "test"}
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-12", "step-6"]
+    tensors = load_file(str(out / "final" / "simplex.safetensors"))
+    assert list(tensors) == ["prefix.vertices"]
+    assert tensors["prefix.vertices"].shape == (3, 4, 2, 3, 8, 64)  # [K, L, 2, H_kv, P, D]
+    info = json.loads((out / "final" / "simplex_config.json").read_text())
+    assert info["num_vertices"] == 3 and info["prefix_length"] == 8 and info["sampling"] == "example_layer"
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"test_initial", "test_final", "selected_step"} <= set(summary)
+    manifest = json.loads((out / "examples.json").read_text())
+    assert len(manifest["train"]["ids"]) == 16 and not set(manifest["train"]["ids"]) & set(manifest["dev"]["ids"])
+    assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_trace_matches_the_stateless_sampler(finished_run):
+    trace = load_file(str(finished_run / "ranks" / "trace-rank-0.safetensors"))
+    index, alpha = trace["step5.micro0.index"], trace["step5.micro0.alpha"]
+    want = simplex.sample_alpha(0, torch.tensor(5), index, 3, 4, "example_layer")
+    torch.testing.assert_close(alpha, want, rtol=0, atol=0)
+
+
+def test_peft_export_loads_in_peft_and_matches_our_centroid(finished_run, small_assets):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_subspace.checkpoint import load_simplex_tensors
+    from dist_subspace.data import label_token_ids
+    from dist_subspace.model import PrefixSubspaceModel
+
+    model_dir, _ = small_assets
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    ids = tokenizer(["the film was superb", "the film was dull"], return_tensors="pt")  # same length: no padding
+    assert ids["attention_mask"].all()
+    words = label_token_ids(tokenizer, [" negative", " positive"])
+    ours = PrefixSubspaceModel(AutoModelForCausalLM.from_pretrained(model_dir), 3, 8, label_token_ids=words)
+    load_simplex_tensors(ours, load_file(str(finished_run / "final" / "simplex.safetensors")))
+    want = ours(ids["input_ids"], ids["attention_mask"], simplex.centroid_alpha(3))
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(model_dir), str(finished_run / "final" / "peft_centroid")
+    )
+    got = peft_model(**ids).logits[:, -1, words]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_ends_with_the_same_simplex(finished_run, small_assets, tmp_path):
+    """Stop after the step-6 checkpoint (drop everything later), resume with train.resume=auto."""
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    for later in ("checkpoints/step-12", "final", "summary.json"):
+        shutil.rmtree(out / later) if (out / later).is_dir() else (out / later).unlink()
+    assert main(run_args(model_dir, data, out, "simplex.vertices=3", "train.resume=auto")) == 0
+    for name in ("checkpoints/step-12/simplex.safetensors", "final/simplex.safetensors"):
+        a, b = load_file(str(out / name)), load_file(str(finished_run / name))
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    state = json.loads((out / "checkpoints/step-12/trainer_state.json").read_text())
+    assert state["step"] == 12
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys))  # rows logged after the checkpoint were dropped, then logged once
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["simplex.vertice=3"], "did you mean simplex.vertices"),
+        (["simplex.vertices=three"], "simplex.vertices must be int"),
+        (["simplex.sampling=token"], "simplex.sampling='token' is not one of"),
+        (["train.max_steps=0"], "train.max_steps must be >= 1"),
+        (["eval.mode=vertex"], "is not a mode"),
+        (["model=small"], "model is a section"),
+        (["--config", "/nonexistent.yaml"], "does not exist"),
+        (["engine.deepspeed=zero9"], "no such file"),
+        (["data.task=no_such_task"], "unknown task"),
+        (["data.shots_per_class=1000"], "fewer than"),
+    ],
+)
+def test_bad_input_exits_nonzero_with_one_line(args, message, small_assets, tmp_path, capsys):
+    model_dir, data = small_assets
+    argv = [*run_args(model_dir, data, tmp_path / "run"), *args]
+    if args[0] == "--config":
+        argv = [*args, *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error: ") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_finished_run_is_never_overwritten(finished_run, small_assets, capsys):
+    model_dir, data = small_assets
+    before = (finished_run / "final" / "simplex.safetensors").read_bytes()
+    assert main(run_args(model_dir, data, finished_run)) == 2
+    assert "train.resume=auto" in capsys.readouterr().err
+    assert (finished_run / "final" / "simplex.safetensors").read_bytes() == before
+
+
+def test_cli_exit_code_from_a_real_process(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dist_subspace.train", "simplex.vertices=0", f"train.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2 and result.stderr.strip() == "error: simplex.vertices must be >= 1 (got 0)"
+
+
+def test_config_rejects_unknown_yaml_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean train\.max_steps"):
+        load_config(path)
