@@ -1,0 +1,157 @@
+"""Real multi-process runs: 2 CPU processes, DeepSpeed ZeRO-3 over gloo, through every launcher."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import run_args
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def check_zero3_run(out: Path) -> None:
+    """Sharded backbone, identical simplex on both ranks, a falling loss, a final checkpoint that loads."""
+    facts = [json.loads((out / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    full_bytes = facts[0]["frozen_numel"] * 4  # float32 on CPU
+    for f in facts:
+        assert f["world_size"] == 2
+        assert 0.45 < f["frozen_local_bytes"] / full_bytes < 0.55, f  # each rank holds about half
+    assert facts[0]["simplex_sha256"] == facts[1]["simplex_sha256"]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    result = launch([sys.executable, "-m", "dist_subspace.evaluate", str(out), "--split", "dev"])
+    scored = json.loads(result.stdout.strip().splitlines()[-1])
+    assert scored["n"] == 16 and scored["metric"] == "accuracy" and 0 <= scored["value"] <= 1
+
+
+def test_accelerate_launch_zero3(small_assets, tmp_path):
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    config = ROOT / "launch/accelerate/cpu_zero3.yaml"
+    launch(
+        [
+            str(BIN / "accelerate"),
+            "launch",
+            "--config_file",
+            str(config),
+            "--main_process_port",
+            str(free_port()),
+            "-m",
+            "dist_subspace.train",
+            *run_args(model_dir, data, out),
+        ]
+    )
+    check_zero3_run(out)
+
+
+def test_deepspeed_launcher_zero3(small_assets, tmp_path):
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    launch(
+        [
+            str(BIN / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "--module",
+            "dist_subspace.train",
+            *run_args(model_dir, data, out),
+        ]
+    )
+    check_zero3_run(out)
+
+
+def _trace(out: Path, world: int) -> dict[tuple[int, int], torch.Tensor]:
+    """(step, example index) -> alpha [L, K], over all ranks and micro-batches."""
+    alphas = {}
+    for rank in range(world):
+        trace = load_file(str(out / "ranks" / f"trace-rank-{rank}.safetensors"))
+        for key, index in trace.items():
+            if key.endswith(".index"):
+                step = int(key.split(".")[0][4:])
+                for i, a in zip(index.tolist(), trace[key.replace(".index", ".alpha")], strict=True):
+                    alphas[(step, i)] = a
+    return alphas
+
+
+@pytest.fixture(scope="module")
+def single_and_pair(small_assets, tmp_path_factory):
+    """The same run as 1 process x accumulation 2 and as 2 ZeRO-3 processes x accumulation 1."""
+    model_dir, data = small_assets
+    root = tmp_path_factory.mktemp("split")
+    common = ("train.trace=true", "train.max_steps=6", "train.eval_every=6", "train.save_every=6")
+    single, pair = root / "single", root / "pair"
+    launch(
+        [sys.executable, "-m", "dist_subspace.train", *run_args(model_dir, data, single, "train.grad_accum=2", *common)]
+    )
+    launch(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dist_subspace.train",
+            *run_args(model_dir, data, pair, "engine.deepspeed=zero3_bf16", *common),
+        ]
+    )
+    return single, pair
+
+
+def test_world_size_and_accumulation_do_not_change_alphas_or_the_simplex(single_and_pair):
+    single, pair = single_and_pair
+    one, two = _trace(single, 1), _trace(pair, 2)
+    assert len(one) == 6 * 8 and one.keys() == two.keys()  # every step saw the same 8 examples
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
+    a = load_file(str(single / "checkpoints/step-6/simplex.safetensors"))
+    b = load_file(str(pair / "checkpoints/step-6/simplex.safetensors"))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["centroid", "ensemble:2", "sampled:2"])
+def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_pair, mode):
+    single, _ = single_and_pair  # 41 test examples: ranks get 21 and 20 (one padded)
+    solo = launch([sys.executable, "-m", "dist_subspace.evaluate", str(single), "--mode", mode])
+    duo = launch(
+        [
+            str(BIN / "torchrun"),
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dist_subspace.evaluate",
+            str(single),
+            "--mode",
+            mode,
+        ]
+    )
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (solo, duo))
+    assert a["n"] == b["n"] == 41
+    assert a["value"] == pytest.approx(b["value"], abs=1e-9)
