@@ -118,7 +118,7 @@ class EvalConfig:
     mode: str = "centroid"  # how dev/test are scored: centroid | vertex:I | ensemble:S | sampled:S
     select_by: str = "centroid"  # which dev score picks the best checkpoint (same syntax as mode)
     landscape: bool = True  # write landscape.png (dev metric over the simplex) at the end
-    landscape_resolution: int = 8
+    landscape_resolution: int = 6  # grid step 1/6 on the triangle: 28 points, centroid included
 
     def __post_init__(self) -> None:
         for key in ("mode", "select_by"):

@@ -50,7 +50,7 @@ def write_landscape(
     if not engine.is_main:
         return None
     path = out_dir / "landscape.png"
-    title = f"{task.name}: dev {task.metric} over the simplex (n={len(examples)})"
+    title = f"{task.name}: {task.metric} over the simplex, n={len(examples)}"
     if k == 3:
         landscape.plot_triangle(points, values, path, title, task.metric)
     else:
@@ -99,7 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     result = {"metric": splits.task.metric, "value": result[splits.task.metric], "split": args.split, **result}
     if args.landscape:
-        path = write_landscape(model, engine, examples, collator, splits.task, args.run_dir, batch_size=args.batch_size)
+        path = write_landscape(
+            model, engine, examples, collator, splits.task, args.run_dir, cfg.eval.landscape_resolution, args.batch_size
+        )
         result["landscape"] = str(path) if path else None
     if engine.is_main:
         print(json.dumps(result), flush=True)

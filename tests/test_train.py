@@ -152,3 +152,80 @@ def test_config_rejects_unknown_yaml_keys(tmp_path):
     path.write_text("train:\n  max_step: 3\n")
     with pytest.raises(ConfigError, match=r"did you mean train\.max_steps"):
         load_config(path)
+
+
+def _stsb_files(folder) -> dict[str, str]:
+    """GLUE STS-B format (sentence1, sentence2, label in [0, 5]): the score falls with the words replaced."""
+    import random
+
+    rng = random.Random(0)
+    words = [
+        "cat",
+        "dog",
+        "house",
+        "tree",
+        "river",
+        "car",
+        "city",
+        "road",
+        "music",
+        "light",
+        "water",
+        "stone",
+        "paper",
+        "chair",
+        "table",
+    ]
+    files = {}
+    for split, n in (("train", 60), ("validation", 21)):
+        rows = []
+        for i in range(n):
+            first = rng.sample(words, 5)
+            changed = rng.randint(0, 5)
+            second = first[: 5 - changed] + rng.sample([w for w in words if w not in first], changed)
+            rows.append({"sentence1": " ".join(first), "sentence2": " ".join(second), "label": 5 - changed, "idx": i})
+        path = folder / f"{split}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        files[split] = str(path)
+    return files
+
+
+@pytest.mark.parametrize("model", ["minilm-l6", "small-decoder"])
+def test_regression_stsb_trains_and_evaluates(model, small_assets, tmp_path):
+    model_dir, data = small_assets
+    files = _stsb_files(tmp_path)
+    name = str(model_dir) if model == "small-decoder" else model
+    out = tmp_path / "run"
+    data_files = "{{train: {}, validation: {}}}".format(files["train"], files["validation"])
+    extra = [
+        f"model.name_or_path={name}",
+        "data.task=stsb",
+        f"data.data_files={data_files}",
+        "data.test_size=0",
+        "data.shots_per_class=6",
+        "train.max_steps=10",
+        "train.lr=0.01",
+        "eval.mode=ensemble:2",
+    ]
+    assert main([*run_args(model_dir, data, out), *extra]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    assert test[-1]["n"] == 21 and {"pearson", "spearman"} <= set(test[-1]) and test[-1]["mode"] == "ensemble:2"
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
+    tensors = load_file(str(out / "final" / "simplex.safetensors"))
+    if model == "minilm-l6":  # an encoder trains a simplex of regression heads: [K, 1, hidden]
+        assert tensors["head.weight"].shape == (3, 1, 384) and tensors["head.bias"].shape == (3, 1)
+        assert not (out / "final" / "peft_centroid").exists()
+
+
+def test_encoder_classification_with_a_simplex_head(small_assets, tmp_path):
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    assert main([*run_args(model_dir, data, out), "model.name_or_path=minilm-l6", "train.lr=0.01"]) == 0
+    tensors = load_file(str(out / "final" / "simplex.safetensors"))
+    assert tensors["prefix.vertices"].shape == (3, 6, 2, 12, 8, 32)  # MiniLM: 6 layers, 12 heads of 32
+    assert tensors["head.weight"].shape == (3, 2, 384)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if r["split"] == "train"]
+    assert sum(losses[-2:]) < sum(losses[:2]), losses
