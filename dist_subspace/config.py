@@ -89,13 +89,13 @@ class TrainConfig:
     max_steps: int = 40  # optimizer steps
     micro_batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-2
+    lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_steps: int = 4
     schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
     max_grad_norm: float = 1.0
     log_every: int = 5
-    eval_every: int = 10
+    eval_every: int = 5
     save_every: int = 20
     eval_batch_size: int = 32
     tensorboard: bool = False

@@ -222,7 +222,9 @@ def test_regression_stsb_trains_and_evaluates(model, small_assets, tmp_path):
 def test_encoder_classification_with_a_simplex_head(small_assets, tmp_path):
     model_dir, data = small_assets
     out = tmp_path / "run"
-    assert main([*run_args(model_dir, data, out), "model.name_or_path=minilm-l6", "train.lr=0.01"]) == 0
+    argv = [*run_args(model_dir, data, out), "model.name_or_path=minilm-l6", "train.lr=0.01", "train.tensorboard=true"]
+    assert main(argv) == 0
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     tensors = load_file(str(out / "final" / "simplex.safetensors"))
     assert tensors["prefix.vertices"].shape == (3, 6, 2, 12, 8, 32)  # MiniLM: 6 layers, 12 heads of 32
     assert tensors["head.weight"].shape == (3, 2, 384)

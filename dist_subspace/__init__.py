@@ -1,0 +1,27 @@
+"""Prefix subspaces: a simplex of K prefixes over a frozen transformers model (see README.md)."""
+
+from dist_subspace.model import PrefixSimplex, PrefixSubspaceModel, SimplexHead, initial_vertices, prefix_cache
+from dist_subspace.simplex import (
+    centroid_alpha,
+    cosine_regulariser,
+    expand_alpha,
+    mix,
+    mix_prefix,
+    sample_alpha,
+    vertex_alpha,
+)
+
+__all__ = [
+    "PrefixSimplex",
+    "PrefixSubspaceModel",
+    "SimplexHead",
+    "centroid_alpha",
+    "cosine_regulariser",
+    "expand_alpha",
+    "initial_vertices",
+    "mix",
+    "mix_prefix",
+    "prefix_cache",
+    "sample_alpha",
+    "vertex_alpha",
+]
