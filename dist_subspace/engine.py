@@ -88,6 +88,9 @@ class Engine:
         )
         self.deepspeed = plugin is not None
         self.zero_stage = plugin.zero_stage if plugin is not None else 0
+        # ZeRO-1/2 shard optimizer state and gradients, which a frozen backbone has none of (and DeepSpeed refuses
+        # them without an optimizer): under those stages the backbone is replicated, like plain data parallel.
+        self.partitioned = self.zero_stage == 3
         # HfDeepSpeedConfig is alive now (made by the plugin): from_pretrained partitions under ZeRO-3.
 
     # ---- facts -----------------------------------------------------------------------------------
@@ -108,7 +111,12 @@ class Engine:
         return self.accelerator.is_main_process
 
     def describe(self) -> str:
-        mode = f"DeepSpeed ZeRO-{self.zero_stage}" if self.deepspeed else "replicated backbone (no DeepSpeed)"
+        if self.partitioned:
+            mode = "DeepSpeed ZeRO-3: frozen backbone partitioned over ranks"
+        elif self.deepspeed:
+            mode = f"DeepSpeed ZeRO-{self.zero_stage}: frozen backbone replicated (nothing of it to shard)"
+        else:
+            mode = "frozen backbone replicated (no DeepSpeed)"
         return f"{self.world_size} process(es) on {self.device.type}, {mode}, compute dtype {self.dtype}"
 
     # ---- the backbone ----------------------------------------------------------------------------
@@ -123,7 +131,7 @@ class Engine:
         except TypeError:  # families without a pooler
             model = cls.from_pretrained(path, dtype=self.dtype)
         model.eval()
-        if not self.deepspeed:
+        if not self.partitioned:
             model.to(self.device)
         return model
 
@@ -134,7 +142,7 @@ class Engine:
         engine: the engine's forward adds training bookkeeping for an optimizer it does not have (and then
         refuses ``loss.backward()``). The engine is kept alive here, with its hooks.
         """
-        if not self.deepspeed:
+        if not self.partitioned:
             return backbone
         self.ds_engine = self.accelerator.prepare(backbone)
         return self.ds_engine.module

@@ -79,7 +79,7 @@ def plot_triangle(
     best = int(values.argmax())  # highest value (metrics here are higher-is-better)
     ax.plot(*xy[best].tolist(), marker="o", color="red", markeredgecolor="black", label=f"max {values[best]:.4g}")
     ax.legend(loc="upper right", fontsize=8)
-    ax.set_title(title, pad=16)  # clear of the v2 label
+    fig.suptitle(title)  # over the whole figure: clear of the v2 label and the colour bar
     ax.set_aspect("equal")
     ax.set_axis_off()
     return _save(fig, path)

@@ -24,6 +24,11 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def torchrun(module: str, *args: str) -> list[str]:
+    """2 local processes under torchrun, on a free port."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", module, *args]
+
+
 def launch(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -51,37 +56,23 @@ def test_accelerate_launch_zero3(small_assets, tmp_path):
     model_dir, data = small_assets
     out = tmp_path / "run"
     config = ROOT / "launch/accelerate/cpu_zero3.yaml"
-    launch(
-        [
-            str(BIN / "accelerate"),
-            "launch",
-            "--config_file",
-            str(config),
-            "--main_process_port",
-            str(free_port()),
-            "-m",
-            "dist_subspace.train",
-            *run_args(model_dir, data, out),
-        ]
-    )
+    accelerate = [
+        str(BIN / "accelerate"),
+        "launch",
+        "--config_file",
+        str(config),
+        "--main_process_port",
+        str(free_port()),
+    ]
+    launch([*accelerate, "-m", "dist_subspace.train", *run_args(model_dir, data, out)])
     check_zero3_run(out)
 
 
 def test_deepspeed_launcher_zero3(small_assets, tmp_path):
     model_dir, data = small_assets
     out = tmp_path / "run"
-    launch(
-        [
-            str(BIN / "deepspeed"),
-            "--num_gpus",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "--module",
-            "dist_subspace.train",
-            *run_args(model_dir, data, out),
-        ]
-    )
+    deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
+    launch([*deepspeed, "--module", "dist_subspace.train", *run_args(model_dir, data, out)])
     check_zero3_run(out)
 
 
@@ -100,58 +91,42 @@ def _trace(out: Path, world: int) -> dict[tuple[int, int], torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def single_and_pair(small_assets, tmp_path_factory):
-    """The same run as 1 process x accumulation 2 and as 2 ZeRO-3 processes x accumulation 1."""
+    """The same run as 1 process x accumulation 2, and as 2 processes x accumulation 1: ZeRO-3, and plain
+    data parallel (replicated backbone, no DeepSpeed)."""
     model_dir, data = small_assets
     root = tmp_path_factory.mktemp("split")
     common = ("train.trace=true", "train.max_steps=6", "train.eval_every=6", "train.save_every=6")
-    single, pair = root / "single", root / "pair"
+    single, pair, ddp = root / "single", root / "pair", root / "ddp"
     launch(
         [sys.executable, "-m", "dist_subspace.train", *run_args(model_dir, data, single, "train.grad_accum=2", *common)]
     )
-    launch(
-        [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "dist_subspace.train",
-            *run_args(model_dir, data, pair, "engine.deepspeed=zero3_bf16", *common),
-        ]
-    )
-    return single, pair
+    launch(torchrun("dist_subspace.train", *run_args(model_dir, data, pair, "engine.deepspeed=zero3_bf16", *common)))
+    launch(torchrun("dist_subspace.train", *run_args(model_dir, data, ddp, *common)))
+    return single, pair, ddp
 
 
-def test_world_size_and_accumulation_do_not_change_alphas_or_the_simplex(single_and_pair):
-    single, pair = single_and_pair
-    one, two = _trace(single, 1), _trace(pair, 2)
+@pytest.mark.parametrize("two_process_run", ["zero3", "ddp"])
+def test_world_size_and_accumulation_do_not_change_alphas_or_the_simplex(single_and_pair, two_process_run):
+    single, pair, ddp = single_and_pair
+    other = pair if two_process_run == "zero3" else ddp
+    one, two = _trace(single, 1), _trace(other, 2)
     assert len(one) == 6 * 8 and one.keys() == two.keys()  # every step saw the same 8 examples
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=0, atol=0)
     a = load_file(str(single / "checkpoints/step-6/simplex.safetensors"))
-    b = load_file(str(pair / "checkpoints/step-6/simplex.safetensors"))
+    b = load_file(str(other / "checkpoints/step-6/simplex.safetensors"))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    facts = [json.loads((other / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert facts[0]["simplex_sha256"] == facts[1]["simplex_sha256"]
+    if two_process_run == "ddp":  # replicated: each rank holds the whole frozen backbone
+        assert facts[0]["frozen_local_bytes"] == facts[0]["frozen_numel"] * 4
 
 
 @pytest.mark.parametrize("mode", ["centroid", "ensemble:2", "sampled:2"])
 def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_pair, mode):
-    single, _ = single_and_pair  # 41 test examples: ranks get 21 and 20 (one padded)
+    single, _, _ = single_and_pair  # 41 test examples: ranks get 21 and 20 (one padded)
     solo = launch([sys.executable, "-m", "dist_subspace.evaluate", str(single), "--mode", mode])
-    duo = launch(
-        [
-            str(BIN / "torchrun"),
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "dist_subspace.evaluate",
-            str(single),
-            "--mode",
-            mode,
-        ]
-    )
+    duo = launch(torchrun("dist_subspace.evaluate", str(single), "--mode", mode))
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (solo, duo))
     assert a["n"] == b["n"] == 41
     assert a["value"] == pytest.approx(b["value"], abs=1e-9)

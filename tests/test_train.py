@@ -231,3 +231,12 @@ def test_encoder_classification_with_a_simplex_head(small_assets, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if r["split"] == "train"]
     assert sum(losses[-2:]) < sum(losses[:2]), losses
+
+
+def test_zero2_config_runs_with_a_replicated_backbone(small_assets, tmp_path, capsys):
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    argv = [*run_args(model_dir, data, out), "engine.deepspeed=zero2", "train.max_steps=2", "eval.landscape=false"]
+    assert main(argv) == 0
+    assert "ZeRO-2: frozen backbone replicated" in capsys.readouterr().out
+    assert (out / "final" / "simplex.safetensors").exists()
