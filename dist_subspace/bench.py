@@ -69,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def make(k: int) -> tuple[PrefixSubspaceModel, torch.optim.Optimizer]:
         model = PrefixSubspaceModel(backbone, k, args.prefix_length, label_token_ids=words)
-        model.simplex.to(device)
-        model.label_token_ids = model.label_token_ids.to(device)
-        model.simplex.vertices.data.copy_(initial_vertices(model, exclude_token_ids=tokenizer.all_special_ids))
+        model.place(device)
+        init = initial_vertices(model, exclude_token_ids=tokenizer.all_special_ids, vocab_size=len(tokenizer))
+        model.simplex.vertices.data.copy_(init)
         return model, torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
 
     def train_step(model, opt) -> None:

@@ -78,6 +78,8 @@ class DataConfig:
             _positive("data.shots_per_class", self.shots_per_class)
         elif self.first_n < 1:
             raise ConfigError("data.first_n must be >= 1 with data.protocol=first_n; set e.g. data.first_n=100")
+        elif self.dev_size < 1:
+            raise ConfigError("data.dev_size must be >= 1 with data.protocol=first_n: dev picks the checkpoint")
 
 
 @dataclass
@@ -123,12 +125,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         for key in ("mode", "select_by"):
             check_eval_mode(getattr(self, key), f"eval.{key}")
+        _positive("eval.landscape_resolution", self.landscape_resolution)
 
 
 @dataclass
 class EngineConfig:
     deepspeed: str | None = None  # a DeepSpeed JSON (a path or a name in ds_configs/, e.g. zero3_bf16)
-    compile: bool = False  # torch.compile the sampler + mixer
+    compile: bool = False  # torch.compile(fullgraph=True) the alpha sampler
 
 
 @dataclass
@@ -140,6 +143,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def __post_init__(self) -> None:
+        for key in ("mode", "select_by"):  # checks across sections
+            kind, index = check_eval_mode(getattr(self.eval, key))
+            if kind == "vertex" and index >= self.simplex.vertices:
+                raise ConfigError(
+                    f"eval.{key}=vertex:{index} but simplex.vertices={self.simplex.vertices}; "
+                    f"use vertex:0 .. vertex:{self.simplex.vertices - 1}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -466,11 +466,6 @@ def load_splits(
     return _split(spec, sources, protocol, shots_per_class, first_n, dev_size, test_size, seed)
 
 
-def load_task(name: str, shots_per_class: int, seed: int, test_size: int = 1000) -> FewShotSplits:
-    """A task split by the k-shot protocol (kept for old callers; use :func:`load_splits`)."""
-    return load_splits(name, "kshot", shots_per_class, seed=seed, test_size=test_size)
-
-
 # ---- batching ------------------------------------------------------------------------------------
 def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
     """One token id per verbalizer word; a clear error when a word is not a single token."""
@@ -484,7 +479,8 @@ def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
 
 
 class Collator:
-    """Examples -> ``input_ids``/``attention_mask`` ``[B, S]``, ``labels`` ``[B]``, ``index`` ``[B]``.
+    """Examples -> ``input_ids``/``attention_mask`` ``[B, S]``, ``labels`` ``[B]``, ``index`` ``[B]`` (and
+    ``token_type_ids`` ``[B, S]`` for encoders whose tokenizer gives them).
 
     Decoders see the task's prompt, left-padded so the answer position is the last one; encoders see the
     raw text (pair), right-padded. ``index`` is the example's position in its split: with the step it
@@ -517,9 +513,12 @@ class Collator:
             )
         dtype = torch.float32 if self.task.regression else torch.long
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
-        return {
+        batch = {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": labels,
             "index": index,
         }
+        if not self.decoder and "token_type_ids" in enc:  # BERT: segment ids tell a pair's two texts apart
+            batch["token_type_ids"] = enc["token_type_ids"]
+        return batch

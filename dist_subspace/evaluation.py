@@ -7,8 +7,10 @@ index, so no example is dropped or counted twice at uneven splits.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -51,12 +53,13 @@ def model_outputs(
         ids = order[start : start + batch_size]
         batch = collator([(i, examples[i]) for i in ids])
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        segments = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
         for a, alpha in enumerate(alphas):
             if isinstance(alpha, str):
                 _, granularity, draw = alpha.split(":")
-                step = torch.tensor(int(draw), device=device)
+                step = torch.full((), int(draw), dtype=torch.long, device=device)
                 alpha = model.sample_alpha(step, batch["index"].to(device), granularity, seed=EVAL_SEED)
-            logits = model(input_ids, mask, alpha.to(device)).float().cpu()
+            logits = model(input_ids, mask, alpha.to(device), segments).float().cpu()
             results[a].extend(zip(ids, logits, strict=True))
     outputs = []
     for pairs in results:
@@ -104,3 +107,41 @@ def evaluate(
             result[f"{key}_std"] = values.std(unbiased=False).item()
         result["samples"] = [r[task.metric] for r in runs]
     return {**result, "mode": mode, "n": len(examples)}
+
+
+def write_landscape(
+    model: PrefixSubspaceModel,
+    engine,
+    examples: list[Example],
+    collator: Collator,
+    task: TaskSpec,
+    out_dir: Path,
+    resolution: int = 8,
+    batch_size: int = 32,
+) -> Path | None:
+    """``landscape.png``: the metric over a grid on the triangle (K = 3) or along each vertex-to-centroid
+    segment (K = 2 or K > 3); ``landscape.json`` holds the numbers. Returns the PNG path (on rank 0)."""
+    from dist_subspace import landscape
+
+    k = model.num_vertices
+    if k < 2 or not examples:
+        return None
+    labels = torch.tensor([e["label"] for e in examples])
+    if k == 3:
+        points = landscape.triangle_grid(resolution)  # [G, 3]
+    else:
+        points = landscape.segment_points(k, resolution + 1).reshape(-1, k)  # [K * steps, K]
+    outputs = model_outputs(model, engine, examples, collator, batch_size, list(points))
+    values = torch.tensor([compute_metrics(task, predict(task, o), labels)[task.metric] for o in outputs])
+    if not engine.is_main:
+        return None
+    path = out_dir / "landscape.png"
+    title = f"{task.name}: {task.metric} over the simplex, n={len(examples)}"
+    if k == 3:
+        landscape.plot_triangle(points, values, path, title, task.metric)
+    else:
+        ts = torch.linspace(0, 1, resolution + 1)
+        landscape.plot_segments(ts, values.view(k, -1), path, title, task.metric)
+    record = {"points": points.tolist(), "values": values.tolist(), "metric": task.metric, "n": len(examples)}
+    (out_dir / "landscape.json").write_text(json.dumps(record) + "\n")
+    return path

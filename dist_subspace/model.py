@@ -131,6 +131,24 @@ class PrefixSubspaceModel(nn.Module):
     def num_vertices(self) -> int:
         return self.simplex.num_vertices
 
+    def place(self, device: torch.device | str) -> PrefixSubspaceModel:
+        """Move what is trained (and the label ids) to ``device``; the backbone is placed by whoever loads it."""
+        self.simplex.to(device)
+        self.label_token_ids = self.label_token_ids.to(device)
+        return self
+
+    def train(self, mode: bool = True) -> PrefixSubspaceModel:
+        """Training mode for the simplex; the frozen backbone stays deterministic (no dropout), so a step is
+        a pure function of (simplex, batch, alpha) and resume is exact. Only its checkpointable layers carry
+        the training flag, which is what gradient checkpointing looks at."""
+        super().train(mode)
+        self.backbone.eval()
+        if mode:
+            for module in self.backbone.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module.training = True
+        return self
+
     def enable_gradient_checkpointing(self) -> None:
         """Recompute backbone activations in backward (non-reentrant, so no input needs grad)."""
         self.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -161,8 +179,15 @@ class PrefixSubspaceModel(nn.Module):
         mixed = simplex.mix_prefix(self.simplex.vertices, rows[:, : self.geometry.num_layers])
         return mixed.to(self.compute_dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]`` -> ``[B, C]``."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """input_ids, attention_mask (, token_type_ids) ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]``
+        -> class logits ``[B, C]``."""
         batch = input_ids.shape[0]
         cache = prefix_cache(self.prefix(alpha, batch))
         ones = attention_mask.new_ones(batch, self.prefix_length)
@@ -176,11 +201,13 @@ class PrefixSubspaceModel(nn.Module):
         if self.spec.kind == "decoder":
             out = self.backbone(**inputs, logits_to_keep=1)
             return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
-        hidden = self.backbone(**inputs).last_hidden_state  # [B, S, H]
+        if token_type_ids is not None:
+            inputs["token_type_ids"] = token_type_ids
+        hidden = self.backbone(**inputs).last_hidden_state.float()  # [B, S, H], pooled in fp32
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, H] mean over real tokens
         rows = simplex.expand_alpha(alpha, batch, self.alpha_rows)
-        return self.simplex.head(pooled.float(), rows[:, -1])
+        return self.simplex.head(pooled, rows[:, -1])
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -198,7 +225,7 @@ def random_token_ids(
 ) -> torch.Tensor:
     """``[K, P]`` token ids drawn uniformly from the vocabulary minus ``exclude`` (special tokens)."""
     allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[torch.tensor(list(exclude), dtype=torch.long)] = False
+    allowed[torch.tensor([i for i in exclude if i < vocab_size], dtype=torch.long)] = False
     pool = allowed.nonzero().squeeze(1)
     gen = torch.Generator().manual_seed(seed)
     return pool[torch.randint(len(pool), (num_vertices, prefix_length), generator=gen)]
@@ -210,11 +237,13 @@ def initial_vertices(
     seed: int = 0,
     std: float = 0.02,
     exclude_token_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
 ) -> torch.Tensor:
     """Independent starting vertices ``[K, L, 2, H_kv, P, D]`` (float32, on the model's device).
 
     ``activations``: each vertex = the frozen model's keys/values for P random vocabulary tokens, its own
-    tokens per vertex. ``normal``: i.i.d. N(0, std^2).
+    tokens per vertex, drawn below ``vocab_size`` (pass ``len(tokenizer)``: embedding tables are often padded
+    with rows no token uses) minus ``exclude_token_ids``. ``normal``: i.i.d. N(0, std^2).
     """
     shape = model.simplex.vertices.shape
     device = model.simplex.vertices.device
@@ -223,5 +252,6 @@ def initial_vertices(
         return (torch.randn(shape, generator=gen) * std).to(device)
     if method != "activations":
         raise ValueError(f"unknown prefix init {method!r}; use 'activations' or 'normal'")
-    ids = random_token_ids(shape[0], shape[4], model.config.vocab_size, exclude_token_ids, seed).to(device)
+    vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
+    ids = random_token_ids(shape[0], shape[4], vocab, exclude_token_ids, seed).to(device)
     return model.kv_activations(ids)

@@ -47,7 +47,7 @@ def hashed_uniform(
     ``example_index``: ``[B]`` int64, each example's global index in its data set.
     """
     device = example_index.device
-    h = pcg_hash(torch.tensor(seed & _MASK32, dtype=torch.int64, device=device))
+    h = pcg_hash(torch.full((), seed & _MASK32, dtype=torch.int64, device=device))  # a fill: no host-to-device copy
     h = _combine(h, step.to(torch.int64) & _MASK32, _SALT_STEP)  # []
     h = _combine(h, example_index.to(torch.int64) & _MASK32, _SALT_EXAMPLE)  # [B]
     layer = torch.arange(num_layers, dtype=torch.int64, device=device)

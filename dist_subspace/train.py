@@ -30,7 +30,7 @@ from dist_subspace.config import Config, ConfigError, load_config, save_config
 from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_splits
 from dist_subspace.embedded import resolve_model
 from dist_subspace.engine import Engine, parameter_counts
-from dist_subspace.evaluation import evaluate
+from dist_subspace.evaluation import evaluate, write_landscape
 from dist_subspace.metrics import task_loss
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 
@@ -81,8 +81,7 @@ def build(cfg: Config, engine: Engine) -> tuple[FewShotSplits, Collator, PrefixS
         model = PrefixSubspaceModel(backbone, k, p, num_outputs=task.head_outputs)
     if cfg.model.gradient_checkpointing:
         model.enable_gradient_checkpointing()
-    model.simplex.to(engine.device)
-    model.label_token_ids = model.label_token_ids.to(engine.device)
+    model.place(engine.device)
     model.backbone = engine.wrap_backbone(backbone)
     return splits, collator, model, path
 
@@ -102,8 +101,10 @@ class Recipe:
         self.splits, self.collator, self.model, self.model_path = build(cfg, engine)
         model = self.model
         with torch.no_grad():  # after wrapping: under ZeRO-3 only the engine can run the partitioned backbone
-            specials = self.collator.tokenizer.all_special_ids
-            init = initial_vertices(model, cfg.prefix.init, cfg.train.seed, cfg.prefix.init_std, specials)
+            tokenizer = self.collator.tokenizer
+            init = initial_vertices(
+                model, cfg.prefix.init, cfg.train.seed, cfg.prefix.init_std, tokenizer.all_special_ids, len(tokenizer)
+            )
             model.simplex.vertices.copy_(engine.broadcast_(init.to(engine.device).contiguous()))
             if model.simplex.head is not None:
                 for p in model.simplex.head.parameters():
@@ -182,14 +183,15 @@ class Recipe:
                     self.writer.add_scalar(f"{split}/{key}", value, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def train_step(self) -> float:
-        """One optimizer step over ``grad_accum`` micro-batches on every rank; returns this rank's mean loss."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over ``grad_accum`` micro-batches on every rank; returns the mean task loss over
+        the global batch (0-d, on the device: read by the host only when logged)."""
         cfg, engine, model = self.cfg, self.engine, self.model
         mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
         examples = self.splits.train
         order = step_examples(len(examples), cfg.train.seed, self.step, mb * accum * engine.world_size)
         model.train()
-        total = 0.0
+        total = torch.zeros((), device=engine.device)
         for micro in range(accum):
             chunk = micro * engine.world_size + engine.rank  # the same chunks whatever the world/accum split
             ids = order[chunk * mb : (chunk + 1) * mb]
@@ -205,7 +207,7 @@ class Recipe:
             if cfg.train.trace:
                 self.trace[f"step{self.step}.micro{micro}.index"] = batch["index"].cpu()
                 self.trace[f"step{self.step}.micro{micro}.alpha"] = alpha.detach().cpu()
-            logits = model(batch["input_ids"], batch["attention_mask"], alpha)
+            logits = model(batch["input_ids"], batch["attention_mask"], alpha, batch.get("token_type_ids"))
             loss = task_loss(self.splits.task, logits, batch["labels"]) / accum
             loss.backward()
             total += loss.detach()
@@ -213,8 +215,9 @@ class Recipe:
         if reg.requires_grad:
             reg.backward()
         params = list(model.trainable_parameters())
-        engine.all_reduce_mean_grads(params)
+        total = engine.all_reduce_mean_grads(params, total)
         self.grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -295,7 +298,7 @@ class Recipe:
                     "train",
                     loss=loss,
                     regulariser=self.reg.item(),
-                    lr=self.scheduler.get_last_lr()[0],
+                    lr=self.lr,
                     grad_norm=float(self.grad_norm),
                     examples_per_s=rate,
                 )
@@ -339,8 +342,6 @@ class Recipe:
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
         if self.cfg.eval.landscape:
-            from dist_subspace.evaluate import write_landscape
-
             write_landscape(
                 self.model,
                 self.engine,
@@ -393,12 +394,20 @@ def prepare_output_dir(cfg: Config) -> None:
         raise ConfigError(f"train.resume={cfg.train.resume!r} is not a checkpoint folder (no trainer_state.json)")
 
 
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl row; a line cut short by a killed job counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf
+
+
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool]:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.train", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="a YAML file; without it the embedded default runs")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. simplex.vertices=4")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # key=value words may stand before and after --config
     return args.config, args.overrides, args.local_rank is not None
 
 
@@ -415,8 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe = Recipe(cfg)
     try:
         recipe.setup()
-    except (ConfigError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, ValueError, OSError) as err:  # OSError: a model folder or hub id that is not there
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     out = recipe.out
     if recipe.engine.is_main:
@@ -425,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "examples.json").write_text(json.dumps(recipe.splits.manifest()) + "\n")
         log = out / "metrics.jsonl"
         if recipe.step > 0 and log.exists():  # resumed: drop rows logged after the checkpoint was taken
-            rows = [r for r in log.read_text().splitlines() if json.loads(r)["step"] <= recipe.step]
+            rows = [r for r in log.read_text().splitlines() if _logged_step(r) <= recipe.step]
             log.write_text("".join(f"{r}\n" for r in rows))
         if cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked): clear the old one
             for stale in ("checkpoints", "final"):

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from dist_subspace.data import GLUE, TASKS, Collator, kshot_indices, load_splits, load_task
+from dist_subspace.data import GLUE, TASKS, Collator, kshot_indices, load_splits
 
 
 def _ids(split):
@@ -170,7 +170,7 @@ def test_offline_tasks_load():
     r8 = load_splits("reuters_r8", protocol="first_n", first_n=5485 - 5, dev_size=5, test_size=0)
     assert len(r8.train) + len(r8.dev) == 5485 and len(r8.test) == 2189
     assert len(r8.task.label_names) == 8 and set(Counter(e["label"] for e in r8.test)) == set(range(8))
-    rt = load_task("rotten_tomatoes", shots_per_class=4, seed=0, test_size=0)
+    rt = load_splits("rotten_tomatoes", shots_per_class=4, seed=0, test_size=0)
     assert len(rt.train) == len(rt.dev) == 8 and len(rt.test) == 12_808 - 16
     _disjoint(rt)
 
@@ -221,3 +221,15 @@ class _FakeTokenizer:
         width = max(len(t) for t in texts)
         ids = torch.tensor([[ord(c) for c in t] + [0] * (width - len(t)) for t in texts])
         return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+
+
+def test_encoder_pairs_carry_segment_ids():
+    from transformers import AutoTokenizer
+
+    from dist_subspace.embedded import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
+    example = {"text": "a b", "text_pair": "c d e", "label": 0, "id": 0}
+    batch = Collator(tokenizer, TASKS["rte"], decoder=False)([(0, example)])
+    assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]  # [CLS] a b [SEP] | c d e [SEP]
+    assert "token_type_ids" not in Collator(tokenizer, TASKS["rte"], decoder=True)([(0, example)])

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from dist_subspace.data import Collator, label_token_ids, load_task
+from dist_subspace.data import Collator, label_token_ids, load_splits
 from dist_subspace.embedded import resolve_model
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 
@@ -28,7 +28,7 @@ def _steps(model, batch, steps=6, lr=3e-2):
 
 @pytest.fixture(scope="module")
 def snippets():
-    return load_task("rotten_tomatoes", shots_per_class=4, seed=0, test_size=0)
+    return load_splits("rotten_tomatoes", shots_per_class=4, seed=0, test_size=0)
 
 
 def test_smollm2_k3_trains_on_real_snippets(snippets):

@@ -195,3 +195,13 @@ def test_unsupported_family_is_named():
 
     with pytest.raises(ValueError, match=r"not supported.*arch\.py"):
         PrefixSubspaceModel(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2)), 2, 4, label_token_ids=[1])
+
+
+def test_encoder_uses_segment_ids_for_pairs(batch):
+    ids, mask = batch
+    model = make("bert")
+    alpha = simplex.centroid_alpha(3)
+    first = model(ids, mask, alpha, torch.zeros_like(ids))
+    pair = model(ids, mask, alpha, (torch.arange(ids.shape[1]) >= 3).long().expand_as(ids))
+    torch.testing.assert_close(model(ids, mask, alpha), first)  # no segment ids = all first segment
+    assert not torch.allclose(first, pair, atol=1e-4)

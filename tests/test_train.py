@@ -116,6 +116,10 @@ def test_resume_ends_with_the_same_simplex(finished_run, small_assets, tmp_path)
         (["engine.deepspeed=zero9"], "no such file"),
         (["data.task=no_such_task"], "unknown task"),
         (["data.shots_per_class=1000"], "fewer than"),
+        (["eval.mode=vertex:3"], "use vertex:0 .. vertex:2"),
+        (["eval.landscape_resolution=0"], "eval.landscape_resolution must be >= 1"),
+        (["data.protocol=first_n", "data.first_n=8", "data.dev_size=0"], "data.dev_size must be >= 1"),
+        (["model.name_or_path=/no/such/model"], "no model folder there"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line(args, message, small_assets, tmp_path, capsys):
@@ -240,3 +244,11 @@ def test_zero2_config_runs_with_a_replicated_backbone(small_assets, tmp_path, ca
     assert main(argv) == 0
     assert "ZeRO-2: frozen backbone replicated" in capsys.readouterr().out
     assert (out / "final" / "simplex.safetensors").exists()
+
+
+def test_overrides_may_stand_on_both_sides_of_config(small_assets, tmp_path, capsys):
+    """As launch/slurm.sh and launch/train.sh call it: key=value, --config FILE, key=value."""
+    path = tmp_path / "c.yaml"
+    path.write_text("simplex:\n  vertices: 2\n")
+    assert main(["train.max_steps=0", "--config", str(path), "simplex.beta=0.5"]) == 2
+    assert capsys.readouterr().err.strip() == "error: train.max_steps must be >= 1 (got 0)"
