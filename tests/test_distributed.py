@@ -52,9 +52,11 @@ def check_zero3_run(out: Path) -> None:
     assert scored["n"] == 16 and scored["metric"] == "accuracy" and 0 <= scored["value"] <= 1
 
 
-def test_accelerate_launch_zero3(small_assets, tmp_path):
+@pytest.fixture(scope="module")
+def zero3_runs(small_assets, tmp_path_factory):
+    """The same ZeRO-3 run through `accelerate launch`, and through `deepspeed` with gradient checkpointing."""
     model_dir, data = small_assets
-    out = tmp_path / "run"
+    root = tmp_path_factory.mktemp("zero3")
     config = ROOT / "launch/accelerate/cpu_zero3.yaml"
     accelerate = [
         str(BIN / "accelerate"),
@@ -64,16 +66,22 @@ def test_accelerate_launch_zero3(small_assets, tmp_path):
         "--main_process_port",
         str(free_port()),
     ]
-    launch([*accelerate, "-m", "dist_subspace.train", *run_args(model_dir, data, out)])
-    check_zero3_run(out)
-
-
-def test_deepspeed_launcher_zero3(small_assets, tmp_path):
-    model_dir, data = small_assets
-    out = tmp_path / "run"
+    launch([*accelerate, "-m", "dist_subspace.train", *run_args(model_dir, data, root / "accelerate")])
     deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
-    launch([*deepspeed, "--module", "dist_subspace.train", *run_args(model_dir, data, out)])
-    check_zero3_run(out)
+    checkpointed = run_args(model_dir, data, root / "deepspeed", "model.gradient_checkpointing=true")
+    launch([*deepspeed, "--module", "dist_subspace.train", *checkpointed])
+    return {"accelerate": root / "accelerate", "deepspeed": root / "deepspeed"}
+
+
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+def test_zero3_launch(zero3_runs, launcher):
+    check_zero3_run(zero3_runs[launcher])
+
+
+def test_gradient_checkpointing_under_zero3_gives_the_same_simplex(zero3_runs):
+    a = load_file(str(zero3_runs["accelerate"] / "checkpoints/step-12/simplex.safetensors"))
+    b = load_file(str(zero3_runs["deepspeed"] / "checkpoints/step-12/simplex.safetensors"))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def _trace(out: Path, world: int) -> dict[tuple[int, int], torch.Tensor]:
