@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 from safetensors.torch import load_file
 
+from dist_subspace.cli import USER_ERRORS, exit_now, user_error
 from dist_subspace.config import ConfigError, check_eval_mode, load_config
 from dist_subspace.evaluation import evaluate, write_landscape
 
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         mode = args.mode or cfg.eval.mode
         check_eval_mode(mode)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     from dist_subspace.checkpoint import load_simplex_tensors
     from dist_subspace.engine import Engine
     from dist_subspace.train import build
@@ -52,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         load_simplex_tensors(model, load_file(str(weights)))
         examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
         result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)
-    except (ConfigError, ValueError, OSError) as err:
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return user_error(err)
     result = {"metric": splits.task.metric, "value": result[splits.task.metric], "split": args.split, **result}
     if args.landscape:
         path = write_landscape(
@@ -68,7 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_now(main())

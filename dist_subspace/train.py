@@ -14,9 +14,7 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,15 @@ from safetensors.torch import save_file
 
 from dist_subspace import simplex
 from dist_subspace.arch import arch_spec
-from dist_subspace.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_final, simplex_tensors
+from dist_subspace.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_simplex_tensors,
+    save_checkpoint,
+    save_final,
+    simplex_tensors,
+)
+from dist_subspace.cli import USER_ERRORS, exit_now, user_error
 from dist_subspace.config import Config, ConfigError, load_config, save_config
 from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_splits
 from dist_subspace.embedded import resolve_model
@@ -316,8 +322,6 @@ class Recipe:
 
     def finish(self, summary: dict) -> dict:
         """Select the best dev simplex, score it on test, write ``final/`` and the landscape."""
-        from dist_subspace.checkpoint import load_simplex_tensors
-
         metric = self.splits.task.metric
         if self.best["tensors"] is not None:
             load_simplex_tensors(self.model, self.best["tensors"])
@@ -419,14 +423,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg.engine.deepspeed = "zero3_bf16"  # launched by `deepspeed`: it means DeepSpeed; ZeRO-3 by default
         prepare_output_dir(cfg)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return user_error(err)
     recipe = Recipe(cfg)
     try:
         recipe.setup()
-    except (ConfigError, ValueError, OSError) as err:  # OSError: a model folder or hub id that is not there
-        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return user_error(err)
     out = recipe.out
     if recipe.engine.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -448,8 +450,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    # gloo threads alive at interpreter exit occasionally abort a finished rank (STACK.md): leave at once.
-    os._exit(code)
+    exit_now(main())

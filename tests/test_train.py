@@ -252,3 +252,21 @@ def test_overrides_may_stand_on_both_sides_of_config(small_assets, tmp_path, cap
     path.write_text("simplex:\n  vertices: 2\n")
     assert main(["train.max_steps=0", "--config", str(path), "simplex.beta=0.5"]) == 2
     assert capsys.readouterr().err.strip() == "error: train.max_steps must be >= 1 (got 0)"
+
+
+def test_evaluate_command(finished_run, tmp_path, capsys):
+    from dist_subspace.evaluate import main as evaluate_main
+
+    assert evaluate_main([str(finished_run), "--split", "dev", "--mode", "vertex:2", "--landscape"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["mode"] == "vertex:2" and result["split"] == "dev" and result["n"] == 16
+    assert result["metric"] == "accuracy" and result["value"] == result["accuracy"]
+    assert (finished_run / "landscape.png").read_bytes()[:4] == b"\x89PNG"
+    for argv, message in (
+        ([str(tmp_path)], "pass the folder of a finished run"),
+        ([str(finished_run), "--mode", "vertex:3"], "out of range for K=3"),
+        ([str(finished_run), "--mode", "ensemble:0"], "is not a mode"),
+    ):
+        assert evaluate_main(argv) == 2
+        last = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress bar
+        assert last.startswith("error: ") and message in last, last
