@@ -133,6 +133,8 @@ class Engine:
         model.eval()
         if not self.partitioned:
             model.to(self.device)
+        elif not all(hasattr(p, "ds_id") for p in model.parameters()):  # never let a 70B model land whole on a rank
+            raise RuntimeError("ZeRO-3 is on but from_pretrained built the backbone whole on this rank")
         return model
 
     def wrap_backbone(self, backbone: nn.Module) -> nn.Module:
