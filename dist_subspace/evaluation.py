@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -36,12 +36,12 @@ def model_outputs(
     examples: Sequence[Example],
     collator: Collator,
     batch_size: int,
-    alphas: Sequence[torch.Tensor | str],
+    alphas: Sequence[torch.Tensor | Callable[[torch.Tensor], torch.Tensor]],
 ) -> list[torch.Tensor]:
-    """Class logits ``[N, C]`` (float32, in example order) for each alpha in ``alphas``.
+    """Class logits ``[N, C]`` (float32, in example order) for each alpha in ``alphas``: a ``[K]`` point, or
+    a function of the batch's example indices ``[B]`` (see :func:`sampled_points`).
 
-    An alpha is a ``[K]`` point, or ``"sample:<granularity>:<s>"`` for per-example draws from the fixed
-    evaluation sampler (draw ``s``).
+    ``engine`` gives ``rank``, ``world_size`` and ``gather_objects`` (:class:`dist_subspace.engine.Engine`).
     """
     model.eval()
     order = _shard(len(examples), engine.rank, engine.world_size)
@@ -54,18 +54,22 @@ def model_outputs(
         batch = collator([(i, examples[i]) for i in ids])
         input_ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         segments = batch["token_type_ids"].to(device) if "token_type_ids" in batch else None
+        index = batch["index"].to(device)
         for a, alpha in enumerate(alphas):
-            if isinstance(alpha, str):
-                _, granularity, draw = alpha.split(":")
-                step = torch.full((), int(draw), dtype=torch.long, device=device)
-                alpha = model.sample_alpha(step, batch["index"].to(device), granularity, seed=EVAL_SEED)
-            logits = model(input_ids, mask, alpha.to(device), segments).float().cpu()
+            point = alpha(index) if callable(alpha) else alpha.to(device)
+            logits = model(input_ids, mask, point, segments).float().cpu()
             results[a].extend(zip(ids, logits, strict=True))
     outputs = []
     for pairs in results:
         gathered = {i: t for shard in engine.gather_objects(pairs) for i, t in shard}
         outputs.append(torch.stack([gathered[i] for i in range(len(examples))]) if examples else torch.empty(0))
     return outputs
+
+
+def sampled_points(model: PrefixSubspaceModel, granularity: str, draw: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Per-example points of evaluation draw ``draw``: example indices ``[B]`` -> alpha (fixed seed)."""
+    step = torch.full((), draw, dtype=torch.long, device=model.simplex.vertices.device)
+    return lambda index: model.sample_alpha(step, index, granularity, seed=EVAL_SEED)
 
 
 def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
@@ -91,7 +95,7 @@ def evaluate(
         (logits,) = model_outputs(model, engine, examples, collator, batch_size, [point])
         result = compute_metrics(task, predict(task, logits), labels)
     elif kind == "ensemble":
-        draws = [f"sample:{granularity}:{s}" for s in range(number)]
+        draws = [sampled_points(model, granularity, s) for s in range(number)]
         outputs = model_outputs(model, engine, examples, collator, batch_size, draws)
         mean = torch.stack([_probabilities(task, o) for o in outputs]).mean(0)
         logits = mean if task.regression and mean.shape[-1] == 1 else mean.log()
