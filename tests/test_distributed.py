@@ -54,7 +54,8 @@ def check_zero3_run(out: Path) -> None:
 
 @pytest.fixture(scope="module")
 def zero3_runs(small_assets, tmp_path_factory):
-    """The same ZeRO-3 run through `accelerate launch`, and through `deepspeed` with gradient checkpointing."""
+    """The same ZeRO-3 run through `accelerate launch`, through `deepspeed` with gradient checkpointing, and
+    through `torchrun` with the frozen parameters offloaded to CPU memory (ds_configs/zero3_offload.json)."""
     model_dir, data = small_assets
     root = tmp_path_factory.mktemp("zero3")
     config = ROOT / "launch/accelerate/cpu_zero3.yaml"
@@ -70,17 +71,20 @@ def zero3_runs(small_assets, tmp_path_factory):
     deepspeed = [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port())]
     checkpointed = run_args(model_dir, data, root / "deepspeed", "model.gradient_checkpointing=true")
     launch([*deepspeed, "--module", "dist_subspace.train", *checkpointed])
-    return {"accelerate": root / "accelerate", "deepspeed": root / "deepspeed"}
+    offload = run_args(model_dir, data, root / "offload", "engine.deepspeed=zero3_offload")
+    launch(torchrun("dist_subspace.train", *offload))
+    return {name: root / name for name in ("accelerate", "deepspeed", "offload")}
 
 
-@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed"])
+@pytest.mark.parametrize("launcher", ["accelerate", "deepspeed", "offload"])
 def test_zero3_launch(zero3_runs, launcher):
     check_zero3_run(zero3_runs[launcher])
 
 
-def test_gradient_checkpointing_under_zero3_gives_the_same_simplex(zero3_runs):
+@pytest.mark.parametrize("variant", ["deepspeed", "offload"])
+def test_checkpointing_and_offload_under_zero3_give_the_same_simplex(zero3_runs, variant):
     a = load_file(str(zero3_runs["accelerate"] / "checkpoints/step-12/simplex.safetensors"))
-    b = load_file(str(zero3_runs["deepspeed"] / "checkpoints/step-12/simplex.safetensors"))
+    b = load_file(str(zero3_runs[variant] / "checkpoints/step-12/simplex.safetensors"))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
