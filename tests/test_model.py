@@ -103,20 +103,19 @@ def test_masked_out_prefix_leaves_encoder_unchanged(family, batch):
     spec = arch_spec(model.config)
     pos = input_position_ids(spec, mask, P, model.config)
     prefix = model.prefix(simplex.centroid_alpha(1), len(ids)) * 10
-    hidden = model.backbone(
-        input_ids=ids,
-        attention_mask=torch.cat([torch.zeros(3, P, dtype=mask.dtype), mask], 1),
-        position_ids=pos,
-        cache=prefix_cache(prefix),
-    ).last_hidden_state
+
+    def with_prefix(visible: int):
+        prefix_mask = torch.full((3, P), visible, dtype=mask.dtype)
+        return model.backbone(
+            input_ids=ids,
+            attention_mask=torch.cat([prefix_mask, mask], 1),
+            position_ids=pos,
+            cache=prefix_cache(prefix),
+        ).last_hidden_state
+
     plain = model.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
-    torch.testing.assert_close(hidden, plain, atol=1e-5, rtol=1e-4)
-    shown = model.backbone(
-        input_ids=ids,
-        attention_mask=torch.cat([torch.ones(3, P, dtype=mask.dtype), mask], 1),
-        position_ids=pos,
-        cache=prefix_cache(prefix),
-    ).last_hidden_state
+    torch.testing.assert_close(with_prefix(0), plain, atol=1e-5, rtol=1e-4)
+    shown = with_prefix(1)
     assert not torch.allclose(shown, plain, atol=1e-3)
 
 
