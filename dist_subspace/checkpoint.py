@@ -18,25 +18,26 @@ from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 
-def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
-    """``prefix.vertices`` ``[K, L, 2, H_kv, P, D]`` and ``head.weight``/``head.bias`` when a head exists."""
-
-    def snapshot(p: torch.Tensor) -> torch.Tensor:  # a copy: never an alias of the live parameter
-        return p.detach().to("cpu", torch.float32, copy=True).contiguous()
-
-    out = {"prefix.vertices": snapshot(model.simplex.vertices)}
+def _simplex_parameters(model: PrefixSubspaceModel) -> dict[str, torch.nn.Parameter]:
+    """The saved names: ``prefix.vertices`` ``[K, L, 2, H_kv, P, D]``, and ``head.weight``/``head.bias``."""
+    params = {"prefix.vertices": model.simplex.vertices}
     if model.simplex.head is not None:
-        for name, p in model.simplex.head.named_parameters():
-            out[f"head.{name}"] = snapshot(p)
-    return out
+        params.update({f"head.{n}": p for n, p in model.simplex.head.named_parameters()})
+    return params
+
+
+def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
+    """fp32 CPU copies (never aliases of the live parameters) of everything that is trained."""
+    return {
+        name: p.detach().to("cpu", torch.float32, copy=True).contiguous()
+        for name, p in _simplex_parameters(model).items()
+    }
 
 
 @torch.no_grad()
 def load_simplex_tensors(model: PrefixSubspaceModel, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved simplex tensors into ``model`` (shapes must match)."""
-    params = {"prefix.vertices": model.simplex.vertices}
-    if model.simplex.head is not None:
-        params.update({f"head.{n}": p for n, p in model.simplex.head.named_parameters()})
+    params = _simplex_parameters(model)
     if set(params) != set(tensors):
         raise ValueError(f"checkpoint holds {sorted(tensors)}, the model expects {sorted(params)}")
     for name, p in params.items():
@@ -64,9 +65,12 @@ def _publish(tmp: Path, target: Path) -> None:
 
 
 def save_checkpoint(
-    folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler, step: int, extra: dict
+    folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler, step: int, best: dict
 ) -> None:
-    """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank."""
+    """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank.
+
+    ``best``: the best dev ``score`` so far, its ``step`` and its simplex ``tensors`` (or None).
+    """
     tmp = _atomic_dir(folder)
     save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
     state = optimizer.state_dict()
@@ -78,21 +82,21 @@ def save_checkpoint(
             else:
                 scalars[f"{index}.{key}"] = float(value)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    best = extra.pop("best_tensors", None)
-    if best is not None:
-        save_file(best, str(tmp / "best_simplex.safetensors"))
+    if best["tensors"] is not None:
+        save_file(best["tensors"], str(tmp / "best_simplex.safetensors"))
     trainer_state = {
         "step": step,
         "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
-        **extra,
+        "best": {"score": best["score"], "step": best["step"]},
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     _publish(tmp, folder)
 
 
 def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore simplex, optimizer and scheduler from ``folder``; returns the trainer state (``step``, ...)."""
+    """Restore simplex, optimizer and scheduler from ``folder``; returns the trainer state: ``step``, and
+    ``best`` in the form :func:`save_checkpoint` takes it."""
     load_simplex_tensors(model, load_file(str(folder / "simplex.safetensors")))
     state = json.loads((folder / "trainer_state.json").read_text())
     tensors = load_file(str(folder / "optimizer.safetensors"))
@@ -106,7 +110,7 @@ def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.o
     optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
     best = folder / "best_simplex.safetensors"
-    state["best_tensors"] = load_file(str(best)) if best.exists() else None
+    state["best"]["tensors"] = load_file(str(best)) if best.exists() else None
     return state
 
 

@@ -142,12 +142,7 @@ class Recipe:
         if folder is None:
             return
         state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
-        self.step = state["step"]
-        self.best = {
-            "score": state.get("best_score"),
-            "step": state.get("best_step"),
-            "tensors": state.get("best_tensors"),
-        }
+        self.step, self.best = state["step"], state["best"]
         self.log(f"resumed from {folder} at step {self.step}")
 
     def _log_setup(self, path: str) -> None:
@@ -257,19 +252,8 @@ class Recipe:
 
     def save(self) -> None:
         if self.engine.is_main:
-            extra = {
-                "best_score": self.best["score"],
-                "best_step": self.best["step"],
-                "best_tensors": self.best["tensors"],
-            }
-            save_checkpoint(
-                self.out / "checkpoints" / f"step-{self.step}",
-                self.model,
-                self.optimizer,
-                self.scheduler,
-                self.step,
-                extra,
-            )
+            folder = self.out / "checkpoints" / f"step-{self.step}"
+            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.step, self.best)
         self.engine.barrier()
 
     def train(self) -> dict:
@@ -292,11 +276,15 @@ class Recipe:
             progress = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
         global_batch = t.micro_batch_size * t.grad_accum * self.engine.world_size
         clock, losses = time.perf_counter(), []
+
+        def due(every: int) -> bool:
+            return self.step % every == 0 or self.step == t.max_steps
+
         while self.step < t.max_steps:
             losses.append(self.train_step())
             if progress is not None:
                 progress.update(1)
-            if self.step % t.log_every == 0 or self.step == t.max_steps:
+            if due(t.log_every):
                 loss = torch.stack(losses).mean().item()
                 elapsed = time.perf_counter() - clock
                 rate = global_batch * len(losses) / elapsed
@@ -311,10 +299,10 @@ class Recipe:
                 if progress is not None:
                     progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
                 clock, losses = time.perf_counter(), []
-            if self.step % t.eval_every == 0 or self.step == t.max_steps:
+            if due(t.eval_every):
                 self.last_dev = self.validate("dev")
                 self._select()
-            if self.step % t.save_every == 0 or self.step == t.max_steps:
+            if due(t.save_every):
                 self.save()
         if progress is not None:
             progress.close()
