@@ -192,13 +192,18 @@ def _text(value) -> str:
     return "" if value is None or value != value else str(value)  # None / NaN -> ""
 
 
-def _table_examples(frame, where: str, text: str, pair: str | None, label: str, to_label: Callable) -> list[Example]:
-    """Rows -> examples (``id`` = row index); rows whose label maps to None (GLUE's unlabelled -1) are skipped."""
-    for column, key in ((text, "text_field"), (pair, "text_pair_field"), (label, "label_field")):
+def _require_columns(frame, where: str, **columns: str | None) -> None:
+    """A clear error naming the columns present when a ``data.<key>=column`` is missing from ``frame``."""
+    for key, column in columns.items():
         if column is not None and column not in frame.columns:
             raise ValueError(
                 f"{where}: no column {column!r}; columns present: {list(frame.columns)}; set data.{key} to one"
             )
+
+
+def _table_examples(frame, where: str, text: str, pair: str | None, label: str, to_label: Callable) -> list[Example]:
+    """Rows -> examples (``id`` = row index); rows whose label maps to None (GLUE's unlabelled -1) are skipped."""
+    _require_columns(frame, where, text_field=text, text_pair_field=pair, label_field=label)
     pairs = frame[pair].tolist() if pair else [None] * len(frame)
     rows = zip(frame[text].tolist(), pairs, frame[label].tolist(), strict=True)
     examples = []
@@ -298,10 +303,7 @@ def _local_source(
     """A user's files (``split -> path``): label names = the distinct labels, sorted; words default to them."""
     frames = {split: read_table(path) for split, path in files.items()}
     for split, frame in frames.items():
-        if label not in frame.columns:
-            raise ValueError(
-                f"{files[split]}: no column {label!r}; columns present: {list(frame.columns)}; set data.label_field"
-            )
+        _require_columns(frame, files[split], label_field=label)
     values = {v for frame in frames.values() for v in frame[label].tolist()}
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ordered = sorted(values) if numeric else sorted(values, key=str)
