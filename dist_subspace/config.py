@@ -105,9 +105,17 @@ class TrainConfig:
     trace: bool = False  # write ranks/trace-rank-R.safetensors: every step's example indices and alphas on this rank
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "eval_every", "eval_batch_size"):
+        counts = (
+            "max_steps",
+            "micro_batch_size",
+            "grad_accum",
+            "log_every",
+            "eval_every",
+            "save_every",
+            "eval_batch_size",
+        )
+        for name in counts:
             _positive(f"train.{name}", getattr(self, name))
-        _positive("train.save_every", self.save_every)
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
