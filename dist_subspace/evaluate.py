@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(err)
     from dist_subspace.checkpoint import load_simplex_tensors
     from dist_subspace.engine import Engine
-    from dist_subspace.train import build
+    from dist_subspace.recipe import build
 
     engine = Engine(cfg)
     try:

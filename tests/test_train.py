@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from dist_subspace import simplex
 from dist_subspace.config import ConfigError, load_config
-from dist_subspace.train import main, step_examples
+from dist_subspace.schedule import step_examples
+from dist_subspace.train import main
 from tests.conftest import run_args
 
 pytestmark = pytest.mark.slow
