@@ -19,10 +19,12 @@ class ArchSpec:
     positions: ``after_prefix`` (decoders: the input continues after the P prefix tokens, as in prefix
     tuning), ``from_zero`` (BERT: the input keeps its pretrained positions 0..S-1, so a masked-out prefix
     is a no-op), ``padding_offset`` (RoBERTa: positions start at ``pad_token_id + 1``).
+    lora_targets: the attention query and value projections, where the LoRA baseline goes.
     """
 
     kind: Literal["decoder", "encoder"]
     positions: Literal["after_prefix", "from_zero", "padding_offset"]
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -30,8 +32,8 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec("decoder", "after_prefix"),
     "qwen2": ArchSpec("decoder", "after_prefix"),
     "qwen3": ArchSpec("decoder", "after_prefix"),
-    "bert": ArchSpec("encoder", "from_zero"),
-    "roberta": ArchSpec("encoder", "padding_offset"),
+    "bert": ArchSpec("encoder", "from_zero", ("query", "value")),
+    "roberta": ArchSpec("encoder", "padding_offset", ("query", "value")),
 }
 
 

@@ -19,11 +19,30 @@ from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 
 def _simplex_parameters(model: PrefixSubspaceModel) -> dict[str, torch.nn.Parameter]:
-    """The saved names: ``prefix.vertices`` ``[K, L, 2, H_kv, P, D]``, and ``head.weight``/``head.bias``."""
+    """The saved names: ``prefix.vertices`` ``[R * K, L, 2, H_kv, P, D]``, ``head.weight``/``head.bias``
+    ``[R * K, ...]``, and ``adapter.<name>`` for a baseline's trained backbone parameters (LoRA)."""
     params = {"prefix.vertices": model.simplex.vertices}
     if model.simplex.head is not None:
         params.update({f"head.{n}": p for n, p in model.simplex.head.named_parameters()})
+    params.update({f"adapter.{n}": p for n, p in model.adapter.items()})
     return params
+
+
+def replica_slice(tensors: dict[str, torch.Tensor], replica: int, num_vertices: int) -> dict[str, torch.Tensor]:
+    """Seed replica ``replica``'s own tensors (its K rows of the vertices and head): what a one-replica run of
+    the same seed would hold. Adapter tensors (R = 1 only) pass through."""
+    rows = slice(replica * num_vertices, (replica + 1) * num_vertices)
+    return {n: t if n.startswith("adapter.") else t[rows].contiguous() for n, t in tensors.items()}
+
+
+def put_replica(tensors: dict[str, torch.Tensor], part: dict[str, torch.Tensor], replica: int, k: int) -> None:
+    """Write one replica's tensors (from :func:`replica_slice`) back into full ``tensors`` in place."""
+    rows = slice(replica * k, (replica + 1) * k)
+    for name, value in part.items():
+        if name.startswith("adapter."):
+            tensors[name].copy_(value)
+        else:
+            tensors[name][rows].copy_(value)
 
 
 def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
@@ -69,7 +88,8 @@ def save_checkpoint(
 ) -> None:
     """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank.
 
-    ``best``: the best dev ``score`` so far, its ``step`` and its simplex ``tensors`` (or None).
+    ``best``: per replica, the best dev ``scores`` so far and their ``steps``, and ``tensors``: the simplex
+    in which each replica's rows hold its best-so-far (or None before the first dev score).
     """
     tmp = _atomic_dir(folder)
     save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
@@ -88,20 +108,29 @@ def save_checkpoint(
         "step": step,
         "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
-        "best": {"score": best["score"], "step": best["step"]},
+        "best": {"scores": best["scores"], "steps": best["steps"]},
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     _publish(tmp, folder)
 
 
-def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
-    """Restore simplex, optimizer and scheduler from ``folder``; returns the trainer state: ``step``, and
-    ``best`` in the form :func:`save_checkpoint` takes it."""
-    load_simplex_tensors(model, load_file(str(folder / "simplex.safetensors")))
+def read_checkpoint(folder: Path) -> dict:
+    """Everything in a checkpoint folder as plain data (CPU tensors, JSON values): ``simplex``, ``optimizer``
+    (tensors), the trainer state's keys (``step``, ``optimizer`` scalars and groups, ``scheduler``) and ``best``
+    (``scores``, ``steps``, ``tensors``). Read on one rank, sent to the others (node-local disks)."""
     state = json.loads((folder / "trainer_state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state["simplex"] = load_file(str(folder / "simplex.safetensors"))
+    state["optimizer_tensors"] = load_file(str(folder / "optimizer.safetensors"))
+    best = folder / "best_simplex.safetensors"
+    state["best"]["tensors"] = load_file(str(best)) if best.exists() else None
+    return state
+
+
+def apply_checkpoint(state: dict, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler) -> None:
+    """Restore simplex, optimizer and scheduler from :func:`read_checkpoint`'s ``state``."""
+    load_simplex_tensors(model, state["simplex"])
     per_param: dict[int, dict] = {}
-    for key, value in tensors.items():
+    for key, value in state["optimizer_tensors"].items():
         index, name = key.split(".", 1)
         per_param.setdefault(int(index), {})[name] = value
     for key, value in state["optimizer"]["scalars"].items():
@@ -109,8 +138,13 @@ def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.o
         per_param.setdefault(int(index), {})[name] = torch.tensor(value)
     optimizer.load_state_dict({"state": per_param, "param_groups": state["optimizer"]["param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
-    best = folder / "best_simplex.safetensors"
-    state["best"]["tensors"] = load_file(str(best)) if best.exists() else None
+
+
+def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler) -> dict:
+    """Restore simplex, optimizer and scheduler from ``folder``; returns the trainer state: ``step``, and
+    ``best`` in the form :func:`save_checkpoint` takes it."""
+    state = read_checkpoint(folder)
+    apply_checkpoint(state, model, optimizer, scheduler)
     return state
 
 
@@ -120,12 +154,17 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return max(folders, key=lambda p: int(p.name[5:])) if folders else None
 
 
-def save_final(folder: Path, model: PrefixSubspaceModel, info: dict) -> None:
-    """``final/``: ``simplex.safetensors``, ``simplex_config.json`` and, for decoders, ``peft_centroid/``."""
+def save_final(folder: Path, model: PrefixSubspaceModel, info: dict, tensors: dict | None = None) -> None:
+    """``final/``: ``simplex.safetensors``, ``simplex_config.json`` and, for decoders, ``peft_centroid/``.
+
+    ``tensors``: one replica's simplex (:func:`replica_slice`); default: the model's own (R = 1).
+    """
+    tensors = simplex_tensors(model) if tensors is None else tensors
     tmp = _atomic_dir(folder)
-    save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
+    save_file(tensors, str(tmp / "simplex.safetensors"))
     g = model.geometry
     config = {
+        "adapter": "prefix" if model.use_prefix else "lora",
         "num_vertices": model.num_vertices,
         "prefix_length": model.prefix_length,
         "num_layers": g.num_layers,
@@ -136,10 +175,9 @@ def save_final(folder: Path, model: PrefixSubspaceModel, info: dict) -> None:
         **info,
     }
     (tmp / "simplex_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if model.spec.kind == "decoder":
-        with torch.no_grad():
-            k = model.num_vertices
-            alpha = expand_alpha(centroid_alpha(k, model.simplex.vertices.device), 1, g.num_layers)
-            centroid = mix_prefix(model.simplex.vertices.float(), alpha)[0]  # [L, 2, H_kv, P, D]
+    if model.spec.kind == "decoder" and model.use_prefix:
+        vertices = tensors["prefix.vertices"].float()  # [K, L, 2, H_kv, P, D]
+        alpha = expand_alpha(centroid_alpha(vertices.shape[0]), 1, g.num_layers)
+        centroid = mix_prefix(vertices, alpha)[0]  # [L, 2, H_kv, P, D]
         save_peft_prefix(centroid, g, info.get("model", ""), tmp / "peft_centroid")
     _publish(tmp, folder)

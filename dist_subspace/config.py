@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from dist_subspace.simplex import GRANULARITIES
+from dist_subspace.simplex import GRANULARITIES, REGULARISERS
 
 
 class ConfigError(ValueError):
@@ -29,9 +29,11 @@ class ModelConfig:
     dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, float32 on CPU; or float32 / bfloat16 / float16
     gradient_checkpointing: bool = False
     max_length: int = 256
+    adapter: str = "prefix"  # prefix: the simplex of prefixes; lora: the LoRA baseline (PEFT) over the same head
 
     def __post_init__(self) -> None:
         _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _choice("model.adapter", self.adapter, ("prefix", "lora"))
 
 
 @dataclass
@@ -39,9 +41,11 @@ class PrefixConfig:
     length: int = 8  # P prefix tokens per layer
     init: str = "activations"  # activations: the frozen model's own K/V of P random tokens; normal: N(0, std^2)
     init_std: float = 0.02
+    init_average: int = 1  # each vertex starts at the mean of this many draws (K=1, 3: the K=3 start's centroid)
 
     def __post_init__(self) -> None:
         _positive("prefix.length", self.length)
+        _positive("prefix.init_average", self.init_average)
         _choice("prefix.init", self.init, ("activations", "normal"))
 
 
@@ -50,10 +54,20 @@ class SimplexConfig:
     vertices: int = 3  # K; K = 1 is ordinary prefix tuning
     sampling: str = "example_layer"  # batch | example | example_layer
     beta: float = 1.0  # weight of the vertex-separation regulariser
+    regulariser: str = "cos2"  # cos2: of the raw vertices; cos2_centred: centred over their P positions
+    replicas: int = 1  # R seed replicas: R independent runs (seeds train.seed + r, data.seed + r), one backbone
+    train_prefix: bool = True  # false: the prefix stays at its start and only the head trains (encoders)
+    noise: str = "none"  # match: add Gaussian noise to the prefix, per layer as spread as a K-simplex's samples
+    noise_match_vertices: int = 3  # the K whose Dirichlet(1) spread (at initialisation) the noise matches
 
     def __post_init__(self) -> None:
         _positive("simplex.vertices", self.vertices)
+        _positive("simplex.replicas", self.replicas)
         _choice("simplex.sampling", self.sampling, GRANULARITIES)
+        _choice("simplex.regulariser", self.regulariser, REGULARISERS)
+        _choice("simplex.noise", self.noise, ("none", "match"))
+        if self.noise_match_vertices < 2:
+            raise ConfigError(f"simplex.noise_match_vertices must be >= 2 (got {self.noise_match_vertices})")
 
 
 @dataclass
@@ -80,6 +94,16 @@ class DataConfig:
             raise ConfigError("data.first_n must be >= 1 with data.protocol=first_n; set e.g. data.first_n=100")
         elif self.dev_size < 1:
             raise ConfigError("data.dev_size must be >= 1 with data.protocol=first_n: dev picks the checkpoint")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    targets: list[str] | None = None  # module names; default: the attention query and value projections
+
+    def __post_init__(self) -> None:
+        _positive("lora.rank", self.rank)
 
 
 @dataclass
@@ -129,11 +153,18 @@ class EvalConfig:
     select_by: str = "centroid"  # which dev score picks the best checkpoint (same syntax as mode)
     landscape: bool = True  # write landscape.png (dev metric over the simplex) at the end
     landscape_resolution: int = 6  # grid step 1/6 on the triangle: 28 points, centroid included
+    landscape_examples: int = -1  # dev examples the landscape scores: -1 all (64 for models over 1B), 0 all, or a cap
+    initial_test: bool = True  # score test at the initial centroid before training
+    extra_test_modes: list[str] = field(default_factory=list)  # more modes to score test in at the end
 
     def __post_init__(self) -> None:
         for key in ("mode", "select_by"):
             check_eval_mode(getattr(self, key), f"eval.{key}")
+        for i, mode in enumerate(self.extra_test_modes):
+            check_eval_mode(mode, f"eval.extra_test_modes[{i}]")
         _positive("eval.landscape_resolution", self.landscape_resolution)
+        if self.landscape_examples < -1:
+            raise ConfigError(f"eval.landscape_examples must be -1, 0 or a count (got {self.landscape_examples})")
 
 
 @dataclass
@@ -148,13 +179,20 @@ class Config:
     prefix: PrefixConfig = field(default_factory=PrefixConfig)
     simplex: SimplexConfig = field(default_factory=SimplexConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
-        for key in ("mode", "select_by"):  # checks across sections
-            kind, index = check_eval_mode(getattr(self.eval, key))
+        if self.model.adapter == "lora" and self.simplex.replicas > 1:
+            raise ConfigError("model.adapter=lora trains one LoRA per run: set simplex.replicas=1 (run seeds apart)")
+        if self.model.adapter == "lora" and self.simplex.vertices > 1:
+            raise ConfigError("model.adapter=lora uses no prefix: set simplex.vertices=1")
+        modes = {"mode": self.eval.mode, "select_by": self.eval.select_by}
+        modes.update({f"extra_test_modes[{i}]": m for i, m in enumerate(self.eval.extra_test_modes)})
+        for key, mode in modes.items():  # checks across sections
+            kind, index = check_eval_mode(mode)
             if kind == "vertex" and index >= self.simplex.vertices:
                 raise ConfigError(
                     f"eval.{key}=vertex:{index} but simplex.vertices={self.simplex.vertices}; "

@@ -151,12 +151,12 @@ class Engine:
 
     # ---- collectives -----------------------------------------------------------------------------
     def all_reduce_mean_grads(self, params: Sequence[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
-        """Average the simplex gradients over ranks in one flat all-reduce, the 0-d ``loss`` riding along;
-        returns the mean loss over ranks."""
+        """Average the simplex gradients over ranks in one flat all-reduce, ``loss`` (0-d, or one per replica
+        ``[R]``) riding along; returns the mean loss over ranks, shaped like ``loss``."""
         if self.world_size == 1:
             return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].dtype)])
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(-1).to(grads[0].dtype)])
         dist.all_reduce(flat)
         flat /= self.world_size
         offset = 0
@@ -164,7 +164,15 @@ class Engine:
             n = p.numel()
             p.grad = flat[offset : offset + n].view_as(p).clone()
             offset += n
-        return flat[-1]
+        return flat[offset:].view_as(loss).to(loss.dtype)
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (a picklable Python value, e.g. a checkpoint read from its disk) on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Make every rank hold rank 0's ``tensor`` (in place)."""

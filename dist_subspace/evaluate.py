@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
         check_eval_mode(mode)
     except ConfigError as err:
         return user_error(err)
+    from dist_subspace.assembly import build
     from dist_subspace.checkpoint import load_simplex_tensors
     from dist_subspace.engine import Engine
-    from dist_subspace.recipe import build
 
     engine = Engine(cfg)
     try:
-        splits, collator, model, _ = build(cfg, engine)
+        (splits,), collator, model, _ = build(cfg, engine)
         load_simplex_tensors(model, load_file(str(weights)))
         examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
         result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)

@@ -35,19 +35,22 @@ def predict(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
     return lo + (hi - lo) * logits.float().softmax(dim=-1)[:, 1]
 
 
-def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean training loss (0-d): cross-entropy; regression: MSE (1 column) or, for the 2-word verbalizer,
-    KL(target || softmax) with the target distribution ``[1 - t, t]``, ``t = (y - lo) / (hi - lo)`` (LM-BFF)."""
+def task_loss(task: TaskSpec, logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Training loss, mean over the batch (0-d) or per example (``reduction="none"``: ``[B]``): cross-entropy;
+    regression: MSE (1 column) or, for the 2-word verbalizer, KL(target || softmax) with the target distribution
+    ``[1 - t, t]``, ``t = (y - lo) / (hi - lo)`` (LM-BFF)."""
     _check(task, logits)
     logits = logits.float()
     if not task.regression:
-        return F.cross_entropy(logits, labels.long())
-    if logits.shape[1] == 1:
-        return F.mse_loss(logits[:, 0], labels.float())
-    lo, hi = task.label_range
-    t = ((labels.float() - lo) / (hi - lo)).clamp(0, 1)  # [B]
-    target = torch.stack([1 - t, t], dim=-1)  # [B, 2]
-    return F.kl_div(logits.log_softmax(dim=-1), target, reduction="batchmean")
+        per_example = F.cross_entropy(logits, labels.long(), reduction="none")
+    elif logits.shape[1] == 1:
+        per_example = (logits[:, 0] - labels.float()).square()
+    else:
+        lo, hi = task.label_range
+        t = ((labels.float() - lo) / (hi - lo)).clamp(0, 1)  # [B]
+        target = torch.stack([1 - t, t], dim=-1)  # [B, 2]
+        per_example = F.kl_div(logits.log_softmax(dim=-1), target, reduction="none").sum(-1)
+    return per_example if reduction == "none" else per_example.mean()
 
 
 def _numpy(values: torch.Tensor | Sequence | np.ndarray) -> np.ndarray:

@@ -49,9 +49,11 @@ class SimplexHead(nn.Module):
     def __init__(self, num_vertices: int, hidden_size: int, num_outputs: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_vertices, num_outputs, hidden_size))
-        self.bias = nn.Parameter(torch.zeros(num_vertices, num_outputs))
-        for w in self.weight:  # independent starting points, as for the prefixes
+        self.bias = nn.Parameter(torch.empty(num_vertices, num_outputs))
+        bound = 1 / hidden_size**0.5
+        for w, b in zip(self.weight, self.bias, strict=True):  # independent starting points, as for the prefixes
             nn.init.kaiming_uniform_(w, a=5**0.5)
+            nn.init.uniform_(b, -bound, bound)  # nn.Linear's rule: K distinct biases, not K zeros
 
     def forward(self, features: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         weight = simplex.mix(self.weight, alpha)  # [B, C, H]
@@ -60,7 +62,12 @@ class SimplexHead(nn.Module):
 
 
 class PrefixSimplex(nn.Module):
-    """Everything that is trained: ``vertices`` ``[K, L, 2, H_kv, P, D]`` and, for encoders, ``head``."""
+    """Everything that is trained: ``vertices`` ``[R * K, L, 2, H_kv, P, D]`` and, for encoders, ``head``.
+
+    R seed replicas (default 1) are R independent simplices stored back to back: replica r owns vertices
+    ``r * K .. r * K + K - 1`` (and the same rows of the head), so one einsum mixes a batch whose examples
+    belong to different replicas.
+    """
 
     def __init__(
         self,
@@ -70,17 +77,15 @@ class PrefixSimplex(nn.Module):
         prefix_length: int,
         head_dim: int,
         head: SimplexHead | None = None,
+        num_replicas: int = 1,
     ) -> None:
         super().__init__()
-        if num_vertices < 1 or prefix_length < 1:
-            raise ValueError(f"need K >= 1 and P >= 1 (got K={num_vertices}, P={prefix_length})")
-        shape = (num_vertices, num_layers, 2, num_kv_heads, prefix_length, head_dim)
+        if num_vertices < 1 or prefix_length < 1 or num_replicas < 1:
+            raise ValueError(f"need K, P, R >= 1 (got K={num_vertices}, P={prefix_length}, R={num_replicas})")
+        shape = (num_replicas * num_vertices, num_layers, 2, num_kv_heads, prefix_length, head_dim)
         self.vertices = nn.Parameter(torch.zeros(shape))
         self.head = head
-
-    @property
-    def num_vertices(self) -> int:
-        return self.vertices.shape[0]
+        self.num_vertices, self.num_replicas = num_vertices, num_replicas
 
 
 class PrefixSubspaceModel(nn.Module):
@@ -98,6 +103,7 @@ class PrefixSubspaceModel(nn.Module):
         prefix_length: int,
         label_token_ids: Sequence[int] | None = None,
         num_outputs: int | None = None,
+        replicas: int = 1,
     ) -> None:
         super().__init__()
         config = backbone.config
@@ -117,19 +123,31 @@ class PrefixSubspaceModel(nn.Module):
         self.config = config
         self.prefix_length = prefix_length
         g = self.geometry
-        head = SimplexHead(num_vertices, config.hidden_size, num_outputs) if self.spec.kind == "encoder" else None
-        self.simplex = PrefixSimplex(num_vertices, g.num_layers, g.num_kv_heads, prefix_length, g.head_dim, head)
+        rows = replicas * num_vertices
+        head = SimplexHead(rows, config.hidden_size, num_outputs) if self.spec.kind == "encoder" else None
+        self.simplex = PrefixSimplex(
+            num_vertices, g.num_layers, g.num_kv_heads, prefix_length, g.head_dim, head, replicas
+        )
+        self.use_prefix = True  # False: a baseline that trains something else (LoRA) over the same head
+        self.adapter: dict[str, nn.Parameter] = {}  # trained backbone parameters of such a baseline, by name
         ids = torch.tensor(list(label_token_ids or []), dtype=torch.long)
         self.register_buffer("label_token_ids", ids, persistent=False)
 
     # ---- what is trained -------------------------------------------------------------------------
     def trainable_parameters(self) -> Iterator[nn.Parameter]:
-        """The simplex (vertices and head); the backbone is frozen."""
-        return self.simplex.parameters()
+        """What the optimizer updates: the simplex (vertices and head; without the vertices when frozen) and any
+        adapter parameters; the backbone is frozen."""
+        yield from (p for p in self.simplex.parameters() if p.requires_grad)
+        yield from self.adapter.values()
 
     @property
     def num_vertices(self) -> int:
+        """K, per replica."""
         return self.simplex.num_vertices
+
+    @property
+    def num_replicas(self) -> int:
+        return self.simplex.num_replicas
 
     def place(self, device: torch.device | str) -> PrefixSubspaceModel:
         """Move what is trained (and the label ids) to ``device``; the backbone is placed by whoever loads it."""
@@ -163,20 +181,43 @@ class PrefixSubspaceModel(nn.Module):
         return next(self.backbone.parameters()).dtype
 
     def sample_alpha(
-        self, step: torch.Tensor, example_index: torch.Tensor, granularity: str = "example_layer", seed: int = 0
+        self,
+        step: torch.Tensor,
+        example_index: torch.Tensor,
+        granularity: str = "example_layer",
+        seed: int | torch.Tensor = 0,
     ) -> torch.Tensor:
-        """Dirichlet(1) alpha for a micro-batch (see :func:`simplex.sample_alpha`)."""
+        """Dirichlet(1) alpha for a micro-batch (see :func:`simplex.sample_alpha`; ``seed`` ``[B]`` for replicas)."""
         return simplex.sample_alpha(seed, step, example_index, self.num_vertices, self.alpha_rows, granularity)
 
-    def regulariser(self) -> torch.Tensor:
-        """Mean pairwise cos^2 of the flattened vertices (0-d)."""
-        return simplex.cosine_regulariser(self.simplex.vertices)
+    def regulariser(self, kind: str = "cos2") -> torch.Tensor:
+        """Mean pairwise cos^2 of the flattened vertices of each replica, summed over replicas (0-d);
+        ``cos2_centred``: of the vertices centred over their P positions (per layer, key/value and head)."""
+        if kind not in simplex.REGULARISERS:
+            raise ValueError(f"unknown regulariser {kind!r}; use one of {simplex.REGULARISERS}")
+        centre_dim = -2 if kind == "cos2_centred" else None
+        return simplex.cosine_regulariser(self.simplex.vertices, self.num_replicas, centre_dim)
 
     # ---- forward ---------------------------------------------------------------------------------
-    def prefix(self, alpha: torch.Tensor, batch: int) -> torch.Tensor:
-        """Mixed prefix ``[B, L, 2, H_kv, P, D]`` in the backbone's compute dtype."""
+    def block_alpha(self, alpha: torch.Tensor, batch: int, replica: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-replica alpha (``[K]``, ``[B, K]`` or ``[B, L(+1), K]``) and each example's replica ``[B]`` ->
+        ``[B, L(+1), R * K]`` over all stored vertices (R = 1: just broadcast)."""
         rows = simplex.expand_alpha(alpha, batch, self.alpha_rows)  # [B, L(+1), K]
+        if self.num_replicas == 1:
+            return rows
+        if replica is None:
+            raise ValueError(f"this model holds {self.num_replicas} seed replicas: pass each example's replica [B]")
+        return simplex.replica_alpha(rows, replica, self.num_replicas)
+
+    def prefix(
+        self, alpha: torch.Tensor, batch: int, replica: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mixed prefix ``[B, L, 2, H_kv, P, D]`` in the backbone's compute dtype; ``noise`` (same shape, fp32)
+        is added before the cast (the noise-injection control)."""
+        rows = self.block_alpha(alpha, batch, replica)
         mixed = simplex.mix_prefix(self.simplex.vertices, rows[:, : self.geometry.num_layers])
+        if noise is not None:
+            mixed = mixed + noise
         return mixed.to(self.compute_dtype)
 
     def forward(
@@ -185,19 +226,26 @@ class PrefixSubspaceModel(nn.Module):
         attention_mask: torch.Tensor,
         alpha: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
+        replica: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, attention_mask (, token_type_ids) ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]``
-        -> class logits ``[B, C]``."""
+        (per replica; ``replica`` ``[B]`` says whose, needed when R > 1) -> class logits ``[B, C]``."""
         batch = input_ids.shape[0]
-        cache = prefix_cache(self.prefix(alpha, batch))
-        ones = attention_mask.new_ones(batch, self.prefix_length)
-        inputs = dict(
-            input_ids=input_ids,
-            attention_mask=torch.cat([ones, attention_mask], dim=1),  # [B, P + S]: the prefix is visible
-            position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
-            cache=cache,
-            use_cache=False,
-        )
+        if self.use_prefix:
+            ones = attention_mask.new_ones(batch, self.prefix_length)
+            inputs = dict(
+                input_ids=input_ids,
+                attention_mask=torch.cat([ones, attention_mask], dim=1),  # [B, P + S]: the prefix is visible
+                position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
+                cache=prefix_cache(self.prefix(alpha, batch, replica, noise)),
+                use_cache=False,
+            )
+        else:
+            position_ids = input_position_ids(self.spec, attention_mask, 0, self.config)
+            inputs = dict(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
         if self.spec.kind == "decoder":
             out = self.backbone(**inputs, logits_to_keep=1)
             return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
@@ -206,8 +254,7 @@ class PrefixSubspaceModel(nn.Module):
         hidden = self.backbone(**inputs).last_hidden_state.float()  # [B, S, H], pooled in fp32
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, H] mean over real tokens
-        rows = simplex.expand_alpha(alpha, batch, self.alpha_rows)
-        return self.simplex.head(pooled, rows[:, -1])
+        return self.simplex.head(pooled, self.block_alpha(alpha, batch, replica)[:, -1])
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -218,6 +265,18 @@ class PrefixSubspaceModel(nn.Module):
         self.backbone(input_ids=token_ids, attention_mask=mask, cache=cache, use_cache=True)
         layers = [torch.stack([layer.keys, layer.values], dim=1) for layer in cache.layers]  # L x [N, 2, H, P, D]
         return torch.stack(layers, dim=1).float()
+
+
+def initial_head(num_vertices: int, hidden_size: int, num_outputs: int, seed: int) -> dict[str, torch.Tensor]:
+    """Independent starting heads from ``seed`` (``nn.Linear``'s rule per vertex): ``weight`` ``[K, C, H]``,
+    ``bias`` ``[K, C]``. A generator of its own, so a replica's head does not depend on what else drew numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.empty(num_vertices, num_outputs, hidden_size)
+    for w in weight:
+        nn.init.kaiming_uniform_(w, a=5**0.5, generator=gen)
+    bound = 1 / hidden_size**0.5
+    bias = (torch.rand(num_vertices, num_outputs, generator=gen) * 2 - 1) * bound
+    return {"weight": weight, "bias": bias}
 
 
 def random_token_ids(
@@ -238,20 +297,27 @@ def initial_vertices(
     std: float = 0.02,
     exclude_token_ids: Sequence[int] = (),
     vocab_size: int | None = None,
+    num_vertices: int | None = None,
+    average: int = 1,
 ) -> torch.Tensor:
     """Independent starting vertices ``[K, L, 2, H_kv, P, D]`` (float32, on the model's device).
 
     ``activations``: each vertex = the frozen model's keys/values for P random vocabulary tokens, its own
     tokens per vertex, drawn below ``vocab_size`` (pass ``len(tokenizer)``: embedding tables are often padded
     with rows no token uses) minus ``exclude_token_ids``. ``normal``: i.i.d. N(0, std^2).
+    ``num_vertices``: K (default: the model's, per replica). ``average`` > 1: each vertex is the mean of that
+    many draws, so K = 1 with ``average=3`` starts exactly at the centroid of the K = 3 start of the same seed.
     """
-    shape = model.simplex.vertices.shape
+    k = (num_vertices or model.num_vertices) * average
+    shape = (k, *model.simplex.vertices.shape[1:])
     device = model.simplex.vertices.device
     if method == "normal":
         gen = torch.Generator().manual_seed(seed)
-        return (torch.randn(shape, generator=gen) * std).to(device)
-    if method != "activations":
+        draws = (torch.randn(shape, generator=gen) * std).to(device)
+    elif method == "activations":
+        vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
+        ids = random_token_ids(k, shape[4], vocab, exclude_token_ids, seed).to(device)
+        draws = model.kv_activations(ids)
+    else:
         raise ValueError(f"unknown prefix init {method!r}; use 'activations' or 'normal'")
-    vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
-    ids = random_token_ids(shape[0], shape[4], vocab, exclude_token_ids, seed).to(device)
-    return model.kv_activations(ids)
+    return draws.view(k // average, average, *shape[1:]).mean(1)

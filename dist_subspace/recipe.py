@@ -1,12 +1,18 @@
 """One run, as a recipe: setup / train_step / validate / save / finish / cleanup (torchtune style).
 
 Data flows one way: config -> data -> backbone + simplex -> engine -> loop -> checkpoint / evaluate.
+
+Seed replicas (``simplex.replicas=R``): R independent runs over one frozen backbone. Every micro-batch holds
+``micro_batch_size`` examples of each replica, each mixed from its own replica's vertices with its own alphas;
+losses, regulariser, gradient clipping and best-dev selection are per replica, so replica r ends where the
+one-replica run with seeds ``train.seed + r`` and ``data.seed + r`` ends (up to floating-point order).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -14,56 +20,47 @@ import torch
 from safetensors.torch import save_file
 
 from dist_subspace import simplex
-from dist_subspace.arch import arch_spec
+from dist_subspace.assembly import build, initialise, replica_config, replica_dir
 from dist_subspace.checkpoint import (
+    apply_checkpoint,
     latest_checkpoint,
-    load_checkpoint,
     load_simplex_tensors,
+    put_replica,
+    read_checkpoint,
+    replica_slice,
     save_checkpoint,
     save_final,
     simplex_tensors,
 )
-from dist_subspace.config import Config
-from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_splits
-from dist_subspace.embedded import resolve_model
+from dist_subspace.config import Config, save_config
 from dist_subspace.engine import Engine, parameter_counts
-from dist_subspace.evaluation import evaluate, write_landscape
+from dist_subspace.evaluation import evaluate_replicas, write_landscapes
 from dist_subspace.metrics import task_loss
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
-from dist_subspace.schedule import lr_factor, step_examples
+from dist_subspace.schedule import lr_factor, sampling_coordinates, step_examples
+
+NOISE_SALT = 0x6E015E  # the noise control's stream of hashed normals differs from the alphas'
+LANDSCAPE_CAP_PARAMETERS = 1_000_000_000  # above this backbone size the landscape scores a capped dev subset
 
 
-def build(cfg: Config, engine: Engine) -> tuple[FewShotSplits, Collator, PrefixSubspaceModel, str]:
-    """Data, tokenizer and the model with its backbone loaded (sharded under ZeRO-3) and wrapped; the
-    simplex is on the device but not initialised."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    splits = load_splits(**vars(cfg.data))
-    task = splits.task
-    with engine.main_process_first():  # the first rank converts an embedded model once; the rest read it
-        path = resolve_model(cfg.model.name_or_path)
-    decoder = arch_spec(AutoConfig.from_pretrained(path)).kind == "decoder"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    collator = Collator(tokenizer, task, decoder, cfg.model.max_length)
-    backbone = engine.load_backbone(path, decoder)
-    k, p = cfg.simplex.vertices, cfg.prefix.length
-    if decoder:
-        model = PrefixSubspaceModel(backbone, k, p, label_token_ids=label_token_ids(tokenizer, task.label_words))
-    else:
-        model = PrefixSubspaceModel(backbone, k, p, num_outputs=task.head_outputs)
-    if cfg.model.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    model.place(engine.device)
-    model.backbone = engine.wrap_backbone(backbone)
-    return splits, collator, model, path
+def clip_grad_norm_per_replica(params: list[torch.nn.Parameter], replicas: int, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for each replica on its own rows of every parameter (all leading dims
+    are replica-major ``[R * K, ...]``); returns the norms before clipping ``[R]``."""
+    grads = [p.grad.view(replicas, -1) for p in params if p.grad is not None]
+    norms = torch.stack([g.float().square().sum(1) for g in grads]).sum(0).sqrt()  # [R]
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef[:, None].to(g.dtype))
+    return norms
 
 
 class Recipe:
-    """setup / train / validate / save / cleanup for one run."""
+    """setup / train / validate / save / cleanup for one run (of R seed replicas)."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.out = Path(cfg.train.output_dir)
+        self.replicas = cfg.simplex.replicas
+        self.dirs = [replica_dir(self.out, r, self.replicas) for r in range(self.replicas)]
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -71,16 +68,9 @@ class Recipe:
         self.engine = engine = Engine(cfg)
         torch.manual_seed(cfg.train.seed)
         self.splits, self.collator, self.model, self.model_path = build(cfg, engine)
-        model = self.model
-        with torch.no_grad():  # after wrapping: under ZeRO-3 only the engine can run the partitioned backbone
-            tokenizer = self.collator.tokenizer
-            init = initial_vertices(
-                model, cfg.prefix.init, cfg.train.seed, cfg.prefix.init_std, tokenizer.all_special_ids, len(tokenizer)
-            )
-            model.simplex.vertices.copy_(engine.broadcast_(init.to(engine.device).contiguous()))
-            if model.simplex.head is not None:
-                for p in model.simplex.head.parameters():
-                    engine.broadcast_(p.data)
+        self.task = self.splits[0].task
+        model, r, mb = self.model, self.replicas, cfg.train.micro_batch_size
+        self.noise_std = initialise(cfg, model, self.collator.tokenizer, engine)  # [R, L] or None
         params = list(model.trainable_parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         t = cfg.train
@@ -89,132 +79,217 @@ class Recipe:
         )
         self.step = 0
         self.trace: dict[str, torch.Tensor] = {}
-        self.best: dict = {"score": None, "step": None, "tensors": None}
+        self.best: dict = {"scores": [None] * r, "steps": [None] * r, "tensors": None}
         self.sampler = simplex.sample_alpha
         if cfg.engine.compile:
             self.sampler = torch.compile(simplex.sample_alpha, fullgraph=True, dynamic=False)
+        # Rows of a micro-batch are replica-major: mb examples of replica 0, then of replica 1, ...
+        device = engine.device
+        self.replica_rows = torch.arange(r, device=device).repeat_interleave(mb) if r > 1 else None
+        seeds = torch.tensor([cfg.train.seed + i for i in range(r)], device=device)
+        self.seed_rows = seeds.repeat_interleave(mb) if r > 1 else cfg.train.seed
         self._resume()
         # The sampler's step lives on the device: advanced in place, never read back by the host.
-        self.step_tensor = torch.tensor(self.step, dtype=torch.long, device=engine.device)
-        self._log_setup(self.model_path)
+        self.step_tensor = torch.tensor(self.step, dtype=torch.long, device=device)
+        self.writer = None
+        self.summaries: list[dict] = [{} for _ in range(r)]
+        self._log_setup()
 
     def _resume(self) -> None:
-        choice = self.cfg.train.resume
-        folder = None
-        if choice == "auto":
-            folder = latest_checkpoint(self.out)
-        elif choice != "none":
-            folder = Path(choice)
-        if folder is None:
+        """Rank 0 decides what to resume and sends it to every rank: on node-local disks the other nodes hold
+        no (or an older) checkpoint, and must not start elsewhere."""
+        choice, state, folder = self.cfg.train.resume, None, None
+        if self.engine.is_main and choice != "none":
+            folder = latest_checkpoint(self.out) if choice == "auto" else Path(choice)
+            state = read_checkpoint(folder) if folder is not None else None
+        state = self.engine.broadcast_object(state)
+        if state is None:
             return
-        state = load_checkpoint(folder, self.model, self.optimizer, self.scheduler)
+        apply_checkpoint(state, self.model, self.optimizer, self.scheduler)
         self.step, self.best = state["step"], state["best"]
-        self.log(f"resumed from {folder} at step {self.step}")
+        self.log(f"resumed from {folder} at step {self.step} (read by rank 0, sent to every rank)")
 
-    def _log_setup(self, path: str) -> None:
+    def _log_setup(self) -> None:
         cfg, engine = self.cfg, self.engine
         trainable, frozen, local_bytes = parameter_counts(self.model)
         g = self.model.geometry
         global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * engine.world_size
         self.log(f"engine: {engine.describe()}")
-        self.log(f"model: {path} ({self.model.spec.kind}), L={g.num_layers} H_kv={g.num_kv_heads} D={g.head_dim}")
         self.log(
-            f"simplex: K={cfg.simplex.vertices} P={cfg.prefix.length} sampling={cfg.simplex.sampling} "
-            f"beta={cfg.simplex.beta} init={cfg.prefix.init}"
+            f"model: {self.model_path} ({self.model.spec.kind}), L={g.num_layers} H_kv={g.num_kv_heads} D={g.head_dim}"
         )
+        s = cfg.simplex
+        self.log(
+            f"simplex: K={s.vertices} P={cfg.prefix.length} sampling={s.sampling} beta={s.beta} "
+            f"regulariser={s.regulariser} init={cfg.prefix.init} adapter={cfg.model.adapter} noise={s.noise}"
+        )
+        if self.replicas > 1:
+            self.log(
+                f"seed replicas: R={self.replicas} (train.seed, data.seed) + 0..{self.replicas - 1}, "
+                f"one backbone; folders {self.dirs[0].name} .. {self.dirs[-1].name}"
+            )
         self.log(
             f"parameters: trainable {trainable:,} / frozen {frozen:,}; frozen bytes on this rank "
             f"{local_bytes / 2**20:.1f} MiB"
         )
         self.log(
             f"global batch {global_batch} = micro {cfg.train.micro_batch_size} x accumulation "
-            f"{cfg.train.grad_accum} x world {engine.world_size}; {cfg.train.max_steps} optimizer steps"
+            f"{cfg.train.grad_accum} x world {engine.world_size} (per replica); {cfg.train.max_steps} optimizer steps"
         )
-        s = self.splits
-        self.log(f"data: {s.task.name}: train {len(s.train)}, dev {len(s.dev)}, test {len(s.test)}")
+        s = self.splits[0]
+        self.log(f"data: {s.task.name}: train {len(s.train)}, dev {len(s.dev)}, test {len(s.test)} (per replica)")
+
+    def prepare_folders(self) -> None:
+        """Write the resolved config(s) and example manifests; on resume drop rows logged after the
+        checkpoint; on a fresh start clear what an overwritten run left. Main process only."""
+        if not self.engine.is_main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        for r, folder in enumerate(self.dirs):
+            folder.mkdir(parents=True, exist_ok=True)
+            save_config(replica_config(self.cfg, r), folder / "config.yaml")
+            (folder / "examples.json").write_text(json.dumps(self.splits[r].manifest()) + "\n")
+            log = folder / "metrics.jsonl"
+            if self.step > 0 and log.exists():
+                rows = [row for row in log.read_text().splitlines() if _logged_step(row) <= self.step]
+                log.write_text("".join(f"{row}\n" for row in rows))
+            if self.cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked)
+                log.unlink(missing_ok=True)
+                shutil.rmtree(folder / "final", ignore_errors=True)
+                (folder / "summary.json").unlink(missing_ok=True)
+        if self.cfg.train.resume == "none":
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
 
     # ---- logging ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         if self.engine.is_main:
             print(f"[dist_subspace] {message}", flush=True)
 
-    def record(self, split: str, **values) -> None:
+    def record(self, split: str, rows: list[dict]) -> None:
+        """One metrics.jsonl row per replica, in its own folder."""
         if not self.engine.is_main:
             return
-        row = {"step": self.step, "split": split, **values}
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.writer is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{key}", value, self.step)
+        for r, values in enumerate(rows):
+            row = {"step": self.step, "split": split, **values}
+            with open(self.dirs[r] / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            if self.writer is not None:
+                tag = f"replica-{r}/" if self.replicas > 1 else ""
+                for key, value in values.items():
+                    if isinstance(value, (int, float)):
+                        self.writer.add_scalar(f"{tag}{split}/{key}", value, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------
+    def _noise(self, seed, index: torch.Tensor, replica: torch.Tensor | None) -> torch.Tensor | None:
+        """The noise-injection control: N(0, std_l^2) per prefix element ``[B, L, 2, H_kv, P, D]``, hashed like the
+        alphas (stateless, resume-exact), ``std_l`` matching a simplex's sampling spread in layer l."""
+        if self.noise_std is None:
+            return None
+        shape = self.model.simplex.vertices.shape[1:]  # [L, 2, H_kv, P, D]
+        z = simplex.hashed_normal(seed + NOISE_SALT, self.step_tensor, index, shape.numel()).view(len(index), *shape)
+        std = self.noise_std[replica if replica is not None else torch.zeros_like(index)]  # [B, L]
+        return z * std[:, :, None, None, None, None]
+
     def train_step(self) -> torch.Tensor:
         """One optimizer step over ``grad_accum`` micro-batches on every rank; returns the mean task loss over
-        the global batch (0-d, on the device: read by the host only when logged)."""
+        the global batch of each replica ``[R]`` (on the device: read by the host only when logged)."""
         cfg, engine, model = self.cfg, self.engine, self.model
-        mb, accum = cfg.train.micro_batch_size, cfg.train.grad_accum
-        examples = self.splits.train
-        order = step_examples(len(examples), cfg.train.seed, self.step, mb * accum * engine.world_size)
+        mb, accum, world, r = cfg.train.micro_batch_size, cfg.train.grad_accum, engine.world_size, self.replicas
+        orders, coords = [], []
+        for i, splits in enumerate(self.splits):
+            order = step_examples(len(splits.train), cfg.train.seed + i, self.step, mb * accum * world)
+            orders.append(order)
+            coords.append(sampling_coordinates(order, len(splits.train)))
         model.train()
-        total = torch.zeros((), device=engine.device)
+        total = torch.zeros(r, device=engine.device)
         for micro in range(accum):
-            chunk = micro * engine.world_size + engine.rank  # the same chunks whatever the world/accum split
-            ids = order[chunk * mb : (chunk + 1) * mb]
-            batch = {k: v.to(engine.device) for k, v in self.collator([(i, examples[i]) for i in ids]).items()}
+            chunk = micro * world + engine.rank  # the same chunks whatever the world/accum split
+            window = slice(chunk * mb, (chunk + 1) * mb)
+            items = [
+                (c, self.splits[i].train[e])
+                for i in range(r)
+                for e, c in zip(orders[i][window], coords[i][window], strict=True)
+            ]
+            batch = {key: v.to(engine.device, non_blocking=True) for key, v in self.collator(items).items()}
+            index = batch["index"]
             alpha = self.sampler(
-                cfg.train.seed,
-                self.step_tensor,
-                batch["index"],
-                model.num_vertices,
-                model.alpha_rows,
-                cfg.simplex.sampling,
+                self.seed_rows, self.step_tensor, index, model.num_vertices, model.alpha_rows, cfg.simplex.sampling
             )
             if cfg.train.trace:
-                self.trace[f"step{self.step}.micro{micro}.index"] = batch["index"].cpu()
+                self.trace[f"step{self.step}.micro{micro}.index"] = index.cpu()
                 self.trace[f"step{self.step}.micro{micro}.alpha"] = alpha.detach().cpu()
-            logits = model(batch["input_ids"], batch["attention_mask"], alpha, batch.get("token_type_ids"))
-            loss = task_loss(self.splits.task, logits, batch["labels"]) / accum
-            loss.backward()
-            total += loss.detach()
-        reg = cfg.simplex.beta * model.regulariser()  # identical on every rank: no averaging needed
+            noise = self._noise(self.seed_rows, index, self.replica_rows)
+            logits = model(
+                batch["input_ids"],
+                batch["attention_mask"],
+                alpha,
+                batch.get("token_type_ids"),
+                self.replica_rows,
+                noise,
+            )
+            per_replica = task_loss(self.task, logits, batch["labels"], reduction="none").view(r, mb).mean(1) / accum
+            per_replica.sum().backward()  # replicas share no parameter: each gets its own run's gradient
+            total += per_replica.detach()
+        reg = cfg.simplex.beta * model.regulariser(cfg.simplex.regulariser)  # identical on every rank
         if reg.requires_grad:
             reg.backward()
         params = list(model.trainable_parameters())
         total = engine.all_reduce_mean_grads(params, total)
-        self.grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.train.max_grad_norm)
+        self.grad_norm = clip_grad_norm_per_replica(params, r, cfg.train.max_grad_norm)
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_tensor += 1
         self.step += 1
-        self.reg = reg.detach()
         return total
 
-    def validate(self, split: str, mode: str | None = None) -> dict:
-        examples = self.splits.dev if split == "dev" else self.splits.test
-        result = evaluate(
+    def _train_rows(self, losses: torch.Tensor, rate: float) -> list[dict]:
+        """Per replica: loss, regulariser, the vertices' diversity (cos^2 raw and centred, distances), lr..."""
+        cfg, k = self.cfg, self.cfg.simplex.vertices
+        rows = []
+        for r in range(self.replicas):
+            vertices = self.model.simplex.vertices.detach()[r * k : (r + 1) * k]
+            centre = -2 if cfg.simplex.regulariser == "cos2_centred" else None
+            reg = cfg.simplex.beta * simplex.cosine_regulariser(vertices, 1, centre).item()
+            row = {"loss": losses[r].item(), "regulariser": reg, "lr": self.lr, "grad_norm": self.grad_norm[r].item()}
+            row.update(simplex.diversity(vertices, centre_dim=-2) if self.model.use_prefix else {})
+            rows.append({**row, "examples_per_s": rate})
+        return rows
+
+    def validate(self, split: str, mode: str | None = None) -> list[dict]:
+        """Score every replica on its own ``split`` examples; one metrics row each."""
+        mode = mode or self.cfg.eval.mode
+        examples = [s.dev if split == "dev" else s.test for s in self.splits]
+        desc = f"{split} {mode}" if self.cfg.train.progress and split == "test" else None
+        results = evaluate_replicas(
             self.model,
             self.engine,
             examples,
             self.collator,
-            self.splits.task,
-            mode or self.cfg.eval.mode,
+            self.task,
+            mode,
             self.cfg.train.eval_batch_size,
             self.cfg.simplex.sampling,
+            desc=desc,
         )
-        self.record(split, **{k: v for k, v in result.items() if k != "samples"})
-        return result
+        self.record(split, [{k: v for k, v in res.items() if k != "samples"} for res in results])
+        return results
 
-    def _select(self) -> None:
-        """Dev score for best-checkpoint selection (``eval.select_by``); keep the best simplex (tiny) in memory."""
-        mode = self.cfg.eval.select_by
-        result = self.validate("dev", mode) if mode != self.cfg.eval.mode else self.last_dev
-        score = result[self.splits.task.metric]
-        if self.best["score"] is None or score > self.best["score"]:
-            self.best = {"score": score, "step": self.step, "tensors": simplex_tensors(self.model)}
+    def _select(self, last_dev: list[dict]) -> None:
+        """Per replica, keep its best dev simplex so far (``eval.select_by``) in memory (tiny)."""
+        mode, metric, k = self.cfg.eval.select_by, self.task.metric, self.cfg.simplex.vertices
+        results = self.validate("dev", mode) if mode != self.cfg.eval.mode else last_dev
+        current = None
+        for r, result in enumerate(results):
+            best = self.best["scores"][r]
+            if best is None or result[metric] > best:
+                current = simplex_tensors(self.model) if current is None else current
+                if self.best["tensors"] is None:
+                    self.best["tensors"] = {n: t.clone() for n, t in current.items()}
+                put_replica(self.best["tensors"], replica_slice(current, r, k), r, k)
+                self.best["scores"][r], self.best["steps"][r] = result[metric], self.step
 
     def save(self) -> None:
         if self.engine.is_main:
@@ -222,25 +297,22 @@ class Recipe:
             save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.step, self.best)
         self.engine.barrier()
 
-    def train(self) -> dict:
-        t = self.cfg.train
-        metric = self.splits.task.metric
-        self.writer = None
+    def train(self) -> list[dict]:
+        t, metric = self.cfg.train, self.task.metric
         if t.tensorboard and self.engine.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(self.out / "tensorboard"))
-        summary: dict = {}
-        if self.step == 0:
-            initial = self.validate("test")
-            summary["test_initial"] = initial[metric]
-            self.log(f"test {metric} at the initial centroid: {initial[metric]:.4f} (n={initial['n']})")
+        if self.step == 0 and self.cfg.eval.initial_test:
+            for summary, initial in zip(self.summaries, self.validate("test"), strict=True):
+                summary["test_initial"] = initial[metric]
+            self.log(f"test {metric} at the initial centroid: {_values(self.summaries, 'test_initial')}")
         progress = None
         if t.progress and self.engine.is_main:
             from tqdm import tqdm
 
             progress = tqdm(total=t.max_steps, initial=self.step, desc="train", dynamic_ncols=True)
-        global_batch = t.micro_batch_size * t.grad_accum * self.engine.world_size
+        global_batch = t.micro_batch_size * t.grad_accum * self.engine.world_size * self.replicas
         clock, losses = time.perf_counter(), []
 
         def due(every: int) -> bool:
@@ -251,67 +323,78 @@ class Recipe:
             if progress is not None:
                 progress.update(1)
             if due(t.log_every):
-                loss = torch.stack(losses).mean().item()
-                elapsed = time.perf_counter() - clock
-                rate = global_batch * len(losses) / elapsed
-                self.record(
-                    "train",
-                    loss=loss,
-                    regulariser=self.reg.item(),
-                    lr=self.lr,
-                    grad_norm=float(self.grad_norm),
-                    examples_per_s=rate,
-                )
+                mean = torch.stack(losses).mean(0)  # [R]
+                rate = global_batch * len(losses) / (time.perf_counter() - clock)
+                self.record("train", self._train_rows(mean, rate))
                 if progress is not None:
-                    progress.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}")
+                    progress.set_postfix(loss=f"{mean.mean().item():.4f}", ex_s=f"{rate:.1f}")
                 clock, losses = time.perf_counter(), []
             if due(t.eval_every):
-                self.last_dev = self.validate("dev")
-                self._select()
+                self._select(self.validate("dev"))
             if due(t.save_every):
                 self.save()
         if progress is not None:
             progress.close()
-        return self.finish(summary)
+        return self.finish()
 
-    def finish(self, summary: dict) -> dict:
-        """Select the best dev simplex, score it on test, write ``final/`` and the landscape."""
-        metric = self.splits.task.metric
+    def finish(self) -> list[dict]:
+        """Load each replica's best dev simplex, score it on test, write its ``final/``, summary and landscape."""
+        cfg, metric = self.cfg, self.task.metric
         if self.best["tensors"] is not None:
             load_simplex_tensors(self.model, self.best["tensors"])
-        final = self.validate("test")
-        summary.update(test_final=final[metric], selected_step=self.best["step"], mode=self.cfg.eval.mode)
+        finals = self.validate("test")
+        for mode in cfg.eval.extra_test_modes:
+            for summary, result in zip(self.summaries, self.validate("test", mode), strict=True):
+                summary[f"test_final_{mode}"] = result[metric]
+        for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
+            steps = self.best["steps"][r]
+            summary.update(test_final=final[metric], selected_step=steps, mode=cfg.eval.mode, replica=r)
         self.log(
-            f"test {metric} after training ({self.cfg.eval.mode}, dev-selected step {self.best['step']}): "
-            f"{final[metric]:.4f} (n={final['n']})"
+            f"test {metric} after training ({cfg.eval.mode}, dev-selected): {_values(self.summaries, 'test_final')}"
         )
         if self.engine.is_main:
-            info = {
-                "model": self.cfg.model.name_or_path,
-                "sampling": self.cfg.simplex.sampling,
-                "task": self.splits.task.name,
-                "selected_step": self.best["step"],
-                "selected_by": self.cfg.eval.select_by,
-                "dev_score": self.best["score"],
-            }
-            save_final(self.out / "final", self.model, info)
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            tensors = simplex_tensors(self.model)
+            for r, summary in enumerate(self.summaries):
+                info = {
+                    "model": cfg.model.name_or_path,
+                    "sampling": cfg.simplex.sampling,
+                    "task": self.task.name,
+                    "selected_step": self.best["steps"][r],
+                    "selected_by": cfg.eval.select_by,
+                    "dev_score": self.best["scores"][r],
+                    "seed": cfg.train.seed + r,
+                    "data_seed": cfg.data.seed + r,
+                }
+                save_final(self.dirs[r] / "final", self.model, info, replica_slice(tensors, r, cfg.simplex.vertices))
+                (self.dirs[r] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._write_rank_facts()
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
-        if self.cfg.eval.landscape:
-            write_landscape(
-                self.model,
-                self.engine,
-                self.splits.dev,
-                self.collator,
-                self.splits.task,
-                self.out,
-                self.cfg.eval.landscape_resolution,
-                self.cfg.train.eval_batch_size,
-            )
+        if cfg.eval.landscape:
+            self._landscape()
         self.engine.barrier()
-        return summary
+        return self.summaries
+
+    def _landscape(self) -> None:
+        """The dev metric over the simplex (a 2-D slice: the same point in every layer); on a capped dev subset
+        for big backbones, where each of its ~28 points costs a full dev pass."""
+        cap = self.cfg.eval.landscape_examples
+        if cap == -1:
+            _, frozen, _ = parameter_counts(self.model)
+            cap = 64 if frozen > LANDSCAPE_CAP_PARAMETERS else 0
+        dev = [s.dev[:cap] if cap else s.dev for s in self.splits]
+        start = time.perf_counter()
+        write_landscapes(
+            self.model,
+            self.engine,
+            dev,
+            self.collator,
+            self.task,
+            self.dirs,
+            self.cfg.eval.landscape_resolution,
+            self.cfg.train.eval_batch_size,
+        )
+        self.log(f"landscape: {len(dev[0])} dev examples per replica, {time.perf_counter() - start:.1f} s")
 
     def _write_rank_facts(self) -> None:
         """``ranks/rank-R.json``: what this rank holds (frozen shard, a hash of its simplex), to check sharding."""
@@ -332,6 +415,18 @@ class Recipe:
         (folder / f"rank-{self.engine.rank}.json").write_text(json.dumps(facts) + "\n")
 
     def cleanup(self) -> None:
-        if getattr(self, "writer", None) is not None:
+        if self.writer is not None:
             self.writer.close()
         self.engine.end()
+
+
+def _values(summaries: list[dict], key: str) -> str:
+    return ", ".join(f"{s[key]:.4f}" for s in summaries)
+
+
+def _logged_step(line: str) -> float:
+    """The step of a metrics.jsonl row; a line cut short by a killed job counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import shutil
+import os
 from pathlib import Path
 
 from dist_subspace.checkpoint import latest_checkpoint
 from dist_subspace.cli import USER_ERRORS, exit_now, user_error
-from dist_subspace.config import Config, ConfigError, load_config, save_config
+from dist_subspace.config import Config, ConfigError, load_config
 from dist_subspace.recipe import Recipe
 
 
@@ -27,22 +26,19 @@ def prepare_output_dir(cfg: Config) -> None:
     out = Path(cfg.train.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"train.output_dir={str(out)!r} is a file; choose a folder")
-    taken = (out / "final").exists() or latest_checkpoint(out) is not None
+    taken = (out / "final").exists() or (out / "replica-0" / "final").exists() or latest_checkpoint(out) is not None
     if taken and cfg.train.resume == "none" and not cfg.train.overwrite:
         raise ConfigError(
             f"train.output_dir={str(out)!r} already holds a run; pass train.resume=auto to continue it, "
             "train.overwrite=true to start over, or a new train.output_dir"
         )
-    if cfg.train.resume not in ("none", "auto") and not (Path(cfg.train.resume) / "trainer_state.json").exists():
+    rank0 = os.environ.get("RANK", "0") == "0"  # node-local disks: only rank 0 reads the checkpoint
+    if (
+        rank0
+        and cfg.train.resume not in ("none", "auto")
+        and not (Path(cfg.train.resume) / "trainer_state.json").exists()
+    ):
         raise ConfigError(f"train.resume={cfg.train.resume!r} is not a checkpoint folder (no trainer_state.json)")
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl row; a line cut short by a killed job counts as after any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return math.inf
 
 
 def parse_args(argv: list[str] | None) -> tuple[str | None, list[str], bool]:
@@ -68,22 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe.setup()
     except USER_ERRORS as err:
         return user_error(err)
-    out = recipe.out
-    if recipe.engine.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        (out / "examples.json").write_text(json.dumps(recipe.splits.manifest()) + "\n")
-        log = out / "metrics.jsonl"
-        if recipe.step > 0 and log.exists():  # resumed: drop rows logged after the checkpoint was taken
-            rows = [r for r in log.read_text().splitlines() if _logged_step(r) <= recipe.step]
-            log.write_text("".join(f"{r}\n" for r in rows))
-        if cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked): clear the old one
-            for stale in ("checkpoints", "final"):
-                shutil.rmtree(out / stale, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
+    recipe.prepare_folders()
     recipe.engine.barrier()
-    summary = recipe.train()
-    recipe.log(json.dumps(summary))
+    summaries = recipe.train()
+    recipe.log(json.dumps(summaries[0] if len(summaries) == 1 else {"replicas": summaries}))
     recipe.cleanup()
     return 0
 

@@ -8,7 +8,7 @@ from dist_subspace import simplex
 from dist_subspace.config import load_config
 from dist_subspace.data import Collator, label_token_ids, load_splits
 from dist_subspace.engine import Engine
-from dist_subspace.evaluation import evaluate, model_outputs
+from dist_subspace.evaluation import EVAL_SEED, Query, evaluate, evaluate_replicas, model_outputs
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 
 pytestmark = pytest.mark.slow
@@ -39,9 +39,8 @@ def test_vertex_i_equals_a_k1_model_holding_vertex_i(setup):
     splits, collator, make, engine = setup
     triple, single = make(3), make(1)
     single.simplex.vertices.data.copy_(triple.simplex.vertices.data[1:2])
-    points = [simplex.vertex_alpha(3, 1)]
-    (a,) = model_outputs(triple, engine, splits.test, collator, 8, points)
-    (b,) = model_outputs(single, engine, splits.test, collator, 8, [simplex.centroid_alpha(1)])
+    (a,) = model_outputs(triple, engine, [Query(splits.test, simplex.vertex_alpha(3, 1))], collator, 8)
+    (b,) = model_outputs(single, engine, [Query(splits.test, simplex.centroid_alpha(1))], collator, 8)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert _score(triple, engine, splits, collator, "vertex:1") == {
         **_score(single, engine, splits, collator, "centroid"),
@@ -49,26 +48,84 @@ def test_vertex_i_equals_a_k1_model_holding_vertex_i(setup):
     }
 
 
-def test_ensemble_of_one_point_at_the_centroid_equals_centroid(setup):
-    splits, collator, make, engine = setup
-    single = make(1)  # K = 1: every sampled alpha is the centroid
-    ensemble = _score(single, engine, splits, collator, "ensemble:1")
-    assert ensemble == {**_score(single, engine, splits, collator, "centroid"), "mode": "ensemble:1"}
+def _one_by_one(model, splits, collator, alpha_of) -> torch.Tensor:
+    """Logits ``[N, C]`` computed one example at a time, with ``alpha_of(index [1])`` as its point."""
+    rows = []
+    for i, example in enumerate(splits.test):
+        batch = collator([(i, example)])
+        rows.append(model(batch["input_ids"], batch["attention_mask"], alpha_of(batch["index"]))[0])
+    return torch.stack(rows).detach()
 
 
-def test_sampled_gives_s_metrics_with_mean_and_std(setup):
+def test_ensemble_averages_probabilities_of_s_points_per_example(setup):
+    from dist_subspace.metrics import compute_metrics
+
     splits, collator, make, engine = setup
-    result = _score(make(3), engine, splits, collator, "sampled:4")
+    model = make(3)
+    s = 3
+    probs = []
+    for draw in range(s):
+        step = torch.tensor(draw)
+        logits = _one_by_one(
+            model, splits, collator, lambda idx, step=step: model.sample_alpha(step, idx, seed=EVAL_SEED)
+        )
+        probs.append(logits.softmax(-1))
+    assert not torch.allclose(probs[0], probs[1])  # the points differ
+    labels = torch.tensor([e["label"] for e in splits.test])
+    want = compute_metrics(splits.task, torch.stack(probs).mean(0).argmax(-1), labels)
+    got = _score(model, engine, splits, collator, f"ensemble:{s}")
+    assert got == {**want, "mode": f"ensemble:{s}", "n": 23}
+
+
+def test_sampled_scores_s_models_drawn_per_layer_like_training(setup):
+    from dist_subspace.metrics import compute_metrics
+
+    splits, collator, make, engine = setup
+    model = make(3)
+    result = _score(model, engine, splits, collator, "sampled:4")
     assert len(result["samples"]) == 4 and result["n"] == 23
     values = torch.tensor(result["samples"], dtype=torch.float64)
     assert result["accuracy"] == pytest.approx(values.mean().item())
     assert result["accuracy_std"] == pytest.approx(values.std(unbiased=False).item())
+    # Model s: one alpha per layer ([L, K], layers differ), the same for every example.
+    points = simplex.sample_alpha(EVAL_SEED, torch.tensor(0), torch.arange(4), 3, model.alpha_rows, "example_layer")
+    assert points.shape == (4, model.alpha_rows, 3) and not torch.allclose(points[0, 0], points[0, 1])
+    labels = torch.tensor([e["label"] for e in splits.test])
+    for draw in (0, 3):
+        logits = _one_by_one(model, splits, collator, lambda idx, p=points[draw]: p.expand(len(idx), -1, -1))
+        want = compute_metrics(splits.task, logits.argmax(-1), labels)["accuracy"]
+        assert result["samples"][draw] == pytest.approx(want)
+
+
+def test_stacked_points_equal_one_pass_per_point(setup):
+    """S points stacked into the batch (one backbone pass serves them all) give each point's own logits."""
+    splits, collator, make, engine = setup
+    model = make(3)
+    points = [simplex.vertex_alpha(3, i) for i in range(3)] + [simplex.centroid_alpha(3)]
+    stacked = model_outputs(model, engine, [Query(splits.test, p) for p in points], collator, 7)
+    for point, logits in zip(points, stacked, strict=True):
+        (alone,) = model_outputs(model, engine, [Query(splits.test, point)], collator, 5)
+        torch.testing.assert_close(logits, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_replicas_are_scored_with_their_own_vertices(setup):
+    from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+
+    splits, collator, make, engine = setup
+    a, b = make(2, seed=0), make(2, seed=1)
+    pair = PrefixSubspaceModel(a.backbone, 2, 4, label_token_ids=a.label_token_ids.tolist(), replicas=2)
+    pair.simplex.vertices.data.copy_(torch.cat([a.simplex.vertices.data, b.simplex.vertices.data]))
+    assert not torch.equal(initial_vertices(a, seed=0), initial_vertices(a, seed=1))
+    for mode in ("centroid", "ensemble:2", "sampled:2"):
+        both = evaluate_replicas(pair, engine, [splits.test, splits.dev], collator, splits.task, mode, batch_size=6)
+        assert both[0] == _score(a, engine, splits, collator, mode)
+        assert both[1] == evaluate(b, engine, splits.dev, collator, splits.task, mode, batch_size=8)
 
 
 def test_outputs_come_back_in_example_order(setup):
     splits, collator, make, engine = setup
     model = make(2)
-    (batched,) = model_outputs(model, engine, splits.test, collator, 5, [simplex.centroid_alpha(2)])
+    (batched,) = model_outputs(model, engine, [Query(splits.test, simplex.centroid_alpha(2))], collator, 5)
     one = collator([(0, splits.test[7])])
     single = model(one["input_ids"], one["attention_mask"], simplex.centroid_alpha(2))
     torch.testing.assert_close(batched[7], single[0], atol=1e-5, rtol=1e-4)
