@@ -84,9 +84,17 @@ def _publish(tmp: Path, target: Path) -> None:
 
 
 def save_checkpoint(
-    folder: Path, model: PrefixSubspaceModel, optimizer: torch.optim.Optimizer, scheduler, step: int, best: dict
+    folder: Path,
+    model: PrefixSubspaceModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    step: int,
+    best: dict,
+    summaries: list[dict] | None = None,
 ) -> None:
     """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank.
+
+    ``summaries``: what each replica's ``summary.json`` holds so far (the initial test score), JSON values.
 
     ``best``: per replica, the best dev ``scores`` so far and their ``steps``, and ``tensors``: the simplex
     in which each replica's rows hold its best-so-far (or None before the first dev score).
@@ -109,6 +117,7 @@ def save_checkpoint(
         "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
         "best": {"scores": best["scores"], "steps": best["steps"]},
+        "summaries": summaries or [],
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     _publish(tmp, folder)

@@ -289,25 +289,42 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[last] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """A :class:`Config` from an optional YAML file, then ``section.key=value`` overrides (YAML values)."""
+def load_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), what: str = "config") -> dict:
+    """A YAML mapping from an optional file, then dotted ``key=value`` overrides (values parsed as YAML)."""
     tree: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+            raise ConfigError(f"{what} file {str(path)!r} does not exist; pass an existing YAML file")
         try:
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise ConfigError(f"{what} file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(tree, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (model:, train:, ...)")
+            raise ConfigError(f"{what} file {str(path)!r} must hold a mapping of keys")
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"override {item!r} must look like section.key=value, e.g. simplex.vertices=4")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
-    return _build(Config, tree, "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def build_dataclass(cls: type, tree: dict[str, Any]) -> Any:
+    """``cls`` (a dataclass, possibly of dataclass sections) from a mapping; unknown keys and wrong types are
+    refused by name with a hint."""
+    return _build(cls, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A :class:`Config` from an optional YAML file, then ``section.key=value`` overrides (YAML values)."""
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+    return _build(Config, load_tree(path, overrides), "")
 
 
 def save_config(config: Config, path: Path) -> None:

@@ -80,6 +80,7 @@ class Recipe:
         self.step = 0
         self.trace: dict[str, torch.Tensor] = {}
         self.best: dict = {"scores": [None] * r, "steps": [None] * r, "tensors": None}
+        self.summaries: list[dict] = [{} for _ in range(r)]
         self.sampler = simplex.sample_alpha
         if cfg.engine.compile:
             self.sampler = torch.compile(simplex.sample_alpha, fullgraph=True, dynamic=False)
@@ -92,7 +93,6 @@ class Recipe:
         # The sampler's step lives on the device: advanced in place, never read back by the host.
         self.step_tensor = torch.tensor(self.step, dtype=torch.long, device=device)
         self.writer = None
-        self.summaries: list[dict] = [{} for _ in range(r)]
         self._log_setup()
 
     def _resume(self) -> None:
@@ -107,6 +107,7 @@ class Recipe:
             return
         apply_checkpoint(state, self.model, self.optimizer, self.scheduler)
         self.step, self.best = state["step"], state["best"]
+        self.summaries = state.get("summaries") or self.summaries  # the initial test score, scored before step 0
         self.log(f"resumed from {folder} at step {self.step} (read by rank 0, sent to every rank)")
 
     def _log_setup(self) -> None:
@@ -294,7 +295,7 @@ class Recipe:
     def save(self) -> None:
         if self.engine.is_main:
             folder = self.out / "checkpoints" / f"step-{self.step}"
-            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.step, self.best)
+            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.step, self.best, self.summaries)
         self.engine.barrier()
 
     def train(self) -> list[dict]:

@@ -1,0 +1,103 @@
+"""The study command: a 2-unit grid on the small decoder, interrupted and resumed to the same table."""
+
+import json
+import shutil
+
+import pytest
+
+from dist_subspace.study import main as study_main
+from dist_subspace.study_report import paired, rebuild, select_lrs
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path, small_assets, out) -> list[str]:
+    model_dir, data = small_assets
+    base = {
+        "data.shots_per_class": 4,
+        "data.test_size": 20,
+        "train.max_steps": 4,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 2,
+        "train.save_every": 2,
+        "train.log_every": 2,
+        "eval.landscape": False,
+    }
+    spec = tmp_path / "study.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "output_dir": str(out),
+                "tasks": [str(data)],
+                "models": [str(model_dir)],
+                "methods": ["none", "k1", "k3", "k3_ensemble"],
+                "seeds": 2,
+                "lrs": [0.01],
+                "ensemble": 2,
+                "base": base,
+            }
+        )
+    )
+    return [str(spec)]
+
+
+def _table(out) -> dict:
+    record = json.loads((out / "study.json").read_text())
+    return {"table": record["table"], "selected_lr": record["selected_lr"]}
+
+
+def test_study_interrupted_and_resumed_gives_the_same_table(small_assets, tmp_path, capsys):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert study_main([*_spec(tmp_path, small_assets, whole), "--table"]) == 0
+    printed = capsys.readouterr().out
+    assert "| k3_ensemble |" in printed and "Δ vs k1" in printed
+    table = _table(whole)
+    (model,) = table["table"]
+    rows = table["table"][model]
+    assert set(rows) == {"none", "k1", "k3", "k3_ensemble"}
+    assert all(r[next(iter(r))]["n"] == 2 for r in rows.values())  # 2 seeds each
+    assert rows["k3"]["vs_k1"]["n"] == 2
+    assert (whole / "study.png").read_bytes()[:4] == b"\x89PNG"
+
+    # Interrupted: one unit done, then stop; the second unit dies after its step-2 checkpoint.
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--stop-after", "1"]) == 0
+    assert "stopped after 1 unit" in capsys.readouterr().out
+    assert study_main(_spec(tmp_path, small_assets, broken)) == 0
+    capsys.readouterr()
+    unit = next(p for p in broken.rglob("lr-0.01") if p.parent.name == "k3")
+    shutil.rmtree(unit / "checkpoints" / "step-4")
+    for replica in ("replica-0", "replica-1"):
+        shutil.rmtree(unit / replica / "final")
+        (unit / replica / "summary.json").unlink()
+    (unit / "unit.json").unlink()
+    assert study_main(_spec(tmp_path, small_assets, broken)) == 0
+    assert "resumed from" in (unit / "train.log").read_text()
+    assert "1 units (1 done)" not in capsys.readouterr().out
+    assert _table(broken) == table
+    assert rebuild(broken / "study.json") == table  # the table comes back from study.json alone
+
+    # --dry-run on a finished study: nothing left
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--dry-run"]) == 0
+    assert "2 units (2 done)" in capsys.readouterr().out
+
+
+def test_learning_rate_is_picked_on_dev_and_paired_test():
+    cells = [
+        {"task": "t", "model": "m", "method": "k1", "lr": lr, "seed": s, "dev": dev, "test": 0.5}
+        for lr, dev in ((0.01, 0.6), (0.03, 0.7))
+        for s in (0, 1)
+    ]
+    assert select_lrs(cells) == {("t", "m", "k1"): 0.03}
+    result = paired({0: 0.8, 1: 0.7, 2: 0.9}, {0: 0.7, 1: 0.7, 2: 0.6})
+    assert result["n"] == 3 and result["wins"] == 2 and result["ties"] == 1
+    assert result["mean_diff"] == pytest.approx(0.1333333)
+    assert 0 < result["t_p"] < 1
+
+
+def test_bad_study_specs_are_refused(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("methods: [k3_ensemble]\n")
+    assert study_main([str(spec), "--dry-run"]) == 2
+    assert "read from k3" in capsys.readouterr().err
+    assert study_main([str(spec), "methodz=[k1]"]) == 2
+    assert "did you mean methods" in capsys.readouterr().err
