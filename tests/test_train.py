@@ -240,11 +240,53 @@ def test_encoder_classification_with_a_simplex_head(small_assets, tmp_path):
 
 def test_zero2_config_runs_with_a_replicated_backbone(small_assets, tmp_path, capsys):
     model_dir, data = small_assets
-    out = tmp_path / "run"
-    argv = [*run_args(model_dir, data, out), "engine.deepspeed=zero2", "train.max_steps=2", "eval.landscape=false"]
-    assert main(argv) == 0
+    short = ("train.max_steps=2", "train.eval_every=2", "eval.landscape=false")
+    assert main([*run_args(model_dir, data, tmp_path / "zero2"), "engine.deepspeed=zero2", *short]) == 0
     assert "ZeRO-2: frozen backbone replicated" in capsys.readouterr().out
-    assert (out / "final" / "simplex.safetensors").exists()
+    assert main([*run_args(model_dir, data, tmp_path / "plain"), *short]) == 0
+    a, b = (load_file(str(tmp_path / name / "final" / "simplex.safetensors")) for name in ("zero2", "plain"))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)  # same optimizer code, same fp32 backbone on one process
+
+
+def test_selected_simplex_is_the_best_dev_steps(finished_run, capsys):
+    """final/ holds the simplex of the first step with the best dev score: re-scoring it on dev gives that score."""
+    from dist_subspace.evaluate import main as evaluate_main
+
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    dev = [r for r in rows if r["split"] == "dev"]
+    best = max(dev, key=lambda r: (r["accuracy"], -r["step"]))
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert summary["selected_step"] == best["step"]
+    assert evaluate_main([str(finished_run), "--split", "dev"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["value"] == best["accuracy"]
+
+
+@pytest.mark.parametrize(("granularity", "shape"), [("batch", (4, 3)), ("example", (4, 3))])
+def test_batch_and_example_granularities_end_to_end(granularity, shape, small_assets, tmp_path):
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    extra = (f"simplex.sampling={granularity}", "train.trace=true", "train.max_steps=2", "eval.landscape=false")
+    assert main([*run_args(model_dir, data, out), *extra, "train.eval_every=2"]) == 0
+    trace = load_file(str(out / "ranks" / "trace-rank-0.safetensors"))
+    alpha, index = trace["step1.micro0.alpha"], trace["step1.micro0.index"]
+    want = simplex.sample_alpha(0, torch.tensor(1), index, 3, 4, granularity)
+    torch.testing.assert_close(alpha, want, rtol=0, atol=0)
+    if granularity == "batch":
+        assert alpha.shape == (3,)  # one point for the whole step
+    else:
+        assert alpha.shape == shape and not torch.allclose(alpha[0], alpha[1])
+
+
+def test_beta_pushes_the_vertices_apart(small_assets, tmp_path):
+    model_dir, data = small_assets
+    cos2 = {}
+    for beta in (0, 1):
+        out = tmp_path / f"beta{beta}"
+        extra = (f"simplex.beta={beta}", "train.max_steps=6", "train.eval_every=6", "eval.landscape=false")
+        assert main([*run_args(model_dir, data, out), *extra, "train.log_every=6", "train.lr=0.05"]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        cos2[beta] = next(r for r in rows if r["split"] == "train")["cos2"]
+    assert cos2[1] < cos2[0] - 0.01, cos2
 
 
 def test_overrides_may_stand_on_both_sides_of_config(small_assets, tmp_path, capsys):
