@@ -1,7 +1,9 @@
 """Per-architecture facts: how to read the prefix geometry and where a prefixed input's positions start.
 
-One small table instead of ``if "llama" in name`` scattered through the code. Add a family by adding a row
-(and a tiny-model test in tests/test_model.py).
+One small table instead of ``if "llama" in name`` scattered through the code. Add a family by adding a row and
+a tiny random config in tests/conftest.py (tests/test_model.py then runs it; tests/test_families.py holds the
+family-specific checks). Known families that cannot take a prefix are refused with the reason (``REFUSED``).
+Sliding-window layers never hide the prefix (:func:`sliding_window`).
 """
 
 from __future__ import annotations
@@ -32,8 +34,24 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "mistral": ArchSpec("decoder", "after_prefix"),
     "qwen2": ArchSpec("decoder", "after_prefix"),
     "qwen3": ArchSpec("decoder", "after_prefix"),
+    "gemma2": ArchSpec("decoder", "after_prefix"),
+    "gemma3_text": ArchSpec("decoder", "after_prefix"),
+    "phi3": ArchSpec("decoder", "after_prefix", ("qkv_proj",)),
+    "gpt_neox": ArchSpec("decoder", "after_prefix", ("query_key_value",)),
+    "mixtral": ArchSpec("decoder", "after_prefix"),
+    "qwen2_moe": ArchSpec("decoder", "after_prefix"),
     "bert": ArchSpec("encoder", "from_zero", ("query", "value")),
     "roberta": ArchSpec("encoder", "padding_offset", ("query", "value")),
+}
+
+# Families we know and refuse, with what is missing (one line each, shown to the user as is).
+REFUSED: dict[str, str] = {
+    "deberta-v2": (
+        "its disentangled attention takes no key/value cache (transformers' DebertaV2 layers have no past keys) "
+        "and its content-to-position terms need a relative position for every key, which a prefix has none of"
+    ),
+    "deberta": "same as deberta-v2: disentangled attention with no key/value cache and no position for a prefix key",
+    "gemma3": "this is the multimodal Gemma 3 wrapper; load its text model (model_type gemma3_text) instead",
 }
 
 
@@ -48,12 +66,17 @@ class PrefixGeometry:
 
 def arch_spec(config) -> ArchSpec:
     """The table row for a transformers config; a clear error for an unsupported family."""
-    spec = ARCHITECTURES.get(config.model_type)
+    model_type = config.model_type
+    if model_type in REFUSED:
+        raise ValueError(f"model type {model_type!r} is not supported: {REFUSED[model_type]}")
+    spec = ARCHITECTURES.get(model_type)
     if spec is None:
         raise ValueError(
-            f"model type {config.model_type!r} is not supported; supported: {sorted(ARCHITECTURES)} "
-            "(add a row to dist_subspace/arch.py::ARCHITECTURES)"
+            f"model type {model_type!r} is not supported: no row for it in dist_subspace/arch.py::ARCHITECTURES "
+            f"(its prefix geometry and position rule are not known here); supported: {sorted(ARCHITECTURES)}"
         )
+    if getattr(config, "use_bidirectional_attention", False):
+        raise ValueError(f"model type {model_type!r} with use_bidirectional_attention is not supported: not causal")
     return spec
 
 
@@ -63,6 +86,18 @@ def prefix_geometry(config) -> PrefixGeometry:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     return PrefixGeometry(config.num_hidden_layers, kv_heads, head_dim)
+
+
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-window attention layers, or None when every layer attends to all keys.
+
+    A prefix stays visible to every query whatever the window (as in prefix tuning: it is a learned context, not
+    past text that scrolls out); :func:`dist_subspace.model.attention_mask` builds the masks that say so.
+    """
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return getattr(config, "sliding_window", None) or None  # Qwen2-MoE stores 0 for "no window"
 
 
 def input_position_ids(spec: ArchSpec, attention_mask: torch.Tensor, prefix_length: int, config) -> torch.Tensor:

@@ -23,7 +23,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from dist_subspace import simplex
-from dist_subspace.arch import arch_spec, input_position_ids, prefix_geometry
+from dist_subspace.arch import arch_spec, input_position_ids, prefix_geometry, sliding_window
 
 
 class _PrefixLayer(DynamicLayer):
@@ -41,6 +41,43 @@ class _PrefixLayer(DynamicLayer):
 def prefix_cache(prefix: torch.Tensor) -> Cache:
     """A transformers cache holding ``prefix`` ``[B, L, 2, H_kv, P, D]`` (key and value per layer)."""
     return Cache(layers=[_PrefixLayer(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])])
+
+
+def prefix_attention_mask(
+    config, mask: torch.Tensor, cache: Cache, query_length: int, prefix_length: int, dtype: torch.dtype
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The attention mask for a forward over a cache whose first ``prefix_length`` positions are the prefix.
+
+    ``mask`` ``[B, cached + S]`` (ones over the prefix), returned as is unless the model has sliding-window
+    layers: their mask would hide the prefix from every query more than a window past it. Then transformers'
+    own masks (in the format of the configured attention), with the P prefix keys visible to every query: one
+    4D mask, or a dict by layer type for models with ``layer_types`` (Gemma 2/3, Qwen2 with a window).
+    """
+    window = sliding_window(config)
+    if window is None:
+        return mask
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if "flash" in config._attn_implementation and mask.shape[1] > window:
+        raise ValueError(
+            f"{config._attn_implementation} applies the sliding window ({window}) inside its kernel, which would hide "
+            f"the prefix from queries more than {window} positions past it; load the model with sdpa or eager attention"
+        )
+
+    def prefix_visible(batch_idx, head_idx, q_idx, kv_idx):
+        return kv_idx < prefix_length
+
+    kwargs = dict(
+        config=config,
+        inputs_embeds=mask.new_empty((mask.shape[0], query_length, 0), dtype=dtype),  # read for B, S, dtype only
+        attention_mask=mask,
+        cache=cache,
+    )
+    sliding = create_sliding_window_causal_mask(**kwargs, or_mask_function=prefix_visible)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is None:
+        return sliding
+    return {kind: sliding if kind == "sliding_attention" else create_causal_mask(**kwargs) for kind in set(layer_types)}
 
 
 class SimplexHead(nn.Module):
@@ -234,11 +271,14 @@ class PrefixSubspaceModel(nn.Module):
         batch = input_ids.shape[0]
         if self.use_prefix:
             ones = attention_mask.new_ones(batch, self.prefix_length)
+            full = torch.cat([ones, attention_mask], dim=1)  # [B, P + S]: the prefix is visible
+            cache = prefix_cache(self.prefix(alpha, batch, replica, noise))
+            p, seq, dtype = self.prefix_length, input_ids.shape[1], self.compute_dtype
             inputs = dict(
                 input_ids=input_ids,
-                attention_mask=torch.cat([ones, attention_mask], dim=1),  # [B, P + S]: the prefix is visible
+                attention_mask=prefix_attention_mask(self.config, full, cache, seq, p, dtype),
                 position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
-                cache=prefix_cache(self.prefix(alpha, batch, replica, noise)),
+                cache=cache,
                 use_cache=False,
             )
         else:

@@ -8,21 +8,45 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
+    Gemma2Config,
+    Gemma3TextConfig,
+    GPTNeoXConfig,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
+    Phi3Config,
     Qwen2Config,
+    Qwen2MoeConfig,
     Qwen3Config,
     RobertaConfig,
 )
 
 VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+WINDOW = 8  # sliding-window families: tests run sequences longer than this
+_SPECIAL = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+_GEMMA = dict(_COMMON, num_key_value_heads=1, head_dim=16, sliding_window=WINDOW, **_SPECIAL)
 # Decoders with grouped-query attention (4 heads, 2 key/value heads); no dropout so forwards are deterministic.
 DECODER_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0),
     "mistral": lambda: MistralConfig(**_COMMON, num_key_value_heads=2, pad_token_id=0, sliding_window=None),
     "qwen2": lambda: Qwen2Config(**_COMMON, num_key_value_heads=2, pad_token_id=0),
     "qwen3": lambda: Qwen3Config(**_COMMON, num_key_value_heads=2, head_dim=8, pad_token_id=0),
+    # Gemma: head_dim from the config (16, not hidden / heads = 8), one key/value head, a sliding layer then a full one.
+    "gemma2": lambda: Gemma2Config(**_GEMMA, query_pre_attn_scalar=16),
+    "gemma3_text": lambda: Gemma3TextConfig(**_GEMMA, layer_types=["sliding_attention", "full_attention"]),
+    "phi3": lambda: Phi3Config(**_COMMON, num_key_value_heads=2, sliding_window=WINDOW, **_SPECIAL),  # fused qkv
+    "gpt_neox": lambda: GPTNeoXConfig(**_COMMON, rotary_pct=0.25, **_SPECIAL),  # rotary on a quarter of the head
+    "mixtral": lambda: MixtralConfig(**_COMMON, num_key_value_heads=2, num_local_experts=4, **_SPECIAL),
+    "qwen2_moe": lambda: Qwen2MoeConfig(
+        **_COMMON,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=32,
+        pad_token_id=0,
+    ),
 }
 _ENC = dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 ENCODER_CONFIGS = {

@@ -8,7 +8,7 @@ from dist_subspace import simplex
 from dist_subspace.arch import ArchSpec, arch_spec, input_position_ids
 from dist_subspace.export import peft_prefix_weight
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
-from tests.conftest import DECODER_CONFIGS, ENCODER_CONFIGS, tiny_backbone
+from tests.conftest import DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 
 FAMILIES = [*DECODER_CONFIGS, *ENCODER_CONFIGS]
 P = 4
@@ -85,11 +85,12 @@ def test_vertex_i_equals_k1_with_that_vertex(family, batch):
 
 @pytest.mark.parametrize("family", list(DECODER_CONFIGS))
 def test_decoder_prefix_cache_equals_prepending_its_tokens(family):
-    """A vertex initialised from P tokens' activations acts exactly like those tokens written before the input."""
+    """A vertex initialised from P tokens' activations acts exactly like those tokens written before the input
+    (within a sliding window: past it, see tests/test_families.py)."""
     model = make(family, k=1)
     prefix_tokens = torch.randint(3, 100, (1, P))
     model.simplex.vertices.data.copy_(model.kv_activations(prefix_tokens))
-    ids = torch.randint(3, 100, (2, 5))
+    ids = torch.randint(3, 100, (2, WINDOW - P))
     ours = model(ids, torch.ones_like(ids), simplex.centroid_alpha(1))
     joint = torch.cat([prefix_tokens.expand(2, -1), ids], dim=1)
     theirs = model.backbone(input_ids=joint).logits[:, -1, model.label_token_ids]
