@@ -1,14 +1,18 @@
 """The families beyond Llama: Gemma 2/3 (sliding windows, head_dim from the config, one key/value head), Phi-3
 (fused qkv), GPT-NeoX (partial rotary), Mixtral and Qwen2-MoE (experts), and the refusals (DeBERTa-v2)."""
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DebertaV2Config, DebertaV2Model, GPT2Config, GPT2LMHeadModel
 
 from dist_subspace import simplex
 from dist_subspace.arch import prefix_geometry, sliding_window
 from dist_subspace.export import peft_prefix_config, peft_prefix_weight
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from tests import zero3_checks
 from tests.conftest import DECODER_CONFIGS, WINDOW, tiny_backbone
 
 NEW_FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe"]
@@ -151,3 +155,54 @@ def test_every_new_family_loads_through_the_auto_class(tmp_path):
         tiny_backbone(family).save_pretrained(tmp_path / family)
         loaded = AutoModelForCausalLM.from_pretrained(tmp_path / family)
         assert loaded.config.model_type == family
+
+
+# ---- K = 3 under 2-process ZeRO-3, launched as 2 nodes x 1 process through the multi-node Accelerate YAML ----------
+@pytest.fixture(scope="module")
+def zero3_families(tmp_path_factory):
+    """Every new family trained by tests/zero3_checks.py under ZeRO-3 (engine.deepspeed=zero3_bf16: fp32 on CPU),
+    with `accelerate launch --config_file launch/accelerate/multinode_zero3.yaml` run once per "node"."""
+    from tests.two_nodes import accelerate_two_nodes
+
+    root = tmp_path_factory.mktemp("zero3_families")
+    for family in zero3_checks.FAMILIES:
+        tiny_backbone(family).save_pretrained(root / "models" / family)
+    accelerate_two_nodes("tests.zero3_checks", ["families", str(root / "models"), str(root / "out")])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_accelerate_nodes_meet_at_the_rendezvous(zero3_families):
+    launch = [json.loads((zero3_families / "out" / f"launch-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [(v["RANK"], v["WORLD_SIZE"], v["LOCAL_RANK"]) for v in launch] == [("0", "2", "0"), ("1", "2", "0")]
+    assert {v["GROUP_RANK"] for v in launch} == {"0", "1"}  # two nodes, one process each
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("family", zero3_checks.FAMILIES)
+def test_k3_under_zero3_equals_one_process(zero3_families, family):
+    """Partitioned backbone (each rank half), the same simplex on both ranks, equal to the same steps in one
+    process on the whole batch; every backbone parameter gathered after training equals a plain load (MoE experts:
+    converted to fused tensors at load, and frozen)."""
+    out = zero3_families / "out"
+    facts = [json.loads((out / f"{family}-rank{r}.json").read_text()) for r in (0, 1)]
+    for f in facts:
+        assert f["world_size"] == 2 and f["partitioned"]
+        assert 0.4 < f["frozen_local_bytes"] / (f["frozen_numel"] * 4) < 0.6, f
+    zero3 = [load_file(str(out / f"{family}-rank{r}.safetensors"))["vertices"] for r in (0, 1)]
+    assert torch.equal(zero3[0], zero3[1])
+
+    backbone = AutoModelForCausalLM.from_pretrained(zero3_families / "models" / family).eval()
+    gathered = load_file(str(out / f"{family}-gathered.safetensors"))
+    plain = dict(backbone.named_parameters())
+    assert gathered.keys() == plain.keys()
+    assert all(torch.equal(gathered[n], plain[n]) for n in plain)
+
+    model = PrefixSubspaceModel(backbone, zero3_checks.K, zero3_checks.P, label_token_ids=zero3_checks.LABELS)
+    with torch.no_grad():
+        model.simplex.vertices.copy_(zero3_checks.start_vertices(model))
+    losses = zero3_checks.train_steps(model, 0, 1, lambda params, loss: loss)
+    assert losses == pytest.approx(facts[0]["losses"], abs=1e-5)
+    torch.testing.assert_close(zero3[0], model.simplex.vertices.detach(), atol=1e-5, rtol=1e-4)
