@@ -7,10 +7,20 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from dist_subspace import memory
 from tests.two_nodes import deepspeed_two_nodes
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 MiB = 2**20
+SHAPE = LlamaConfig(
+    vocab_size=8192,
+    hidden_size=512,
+    intermediate_size=1536,
+    num_hidden_layers=16,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    tie_word_embeddings=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -18,17 +28,8 @@ def sharded_load(tmp_path_factory):
     """A random Llama-shaped model (58.7M parameters, 224 MiB in fp32: 16 layers, a small vocabulary so that no single
     tensor rivals a shard) saved as 3 shards, loaded by tests/zero3_checks.py through ``Engine.load_backbone``."""
     root = tmp_path_factory.mktemp("sharded")
-    config = LlamaConfig(
-        vocab_size=8192,
-        hidden_size=512,
-        intermediate_size=1536,
-        num_hidden_layers=16,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-    )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root / "model", max_shard_size="85MB")
+    LlamaForCausalLM(SHAPE).save_pretrained(root / "model", max_shard_size="85MB")
     # Large buffers always from mmap, returned to the system when freed: the sampled resident memory is live memory,
     # not what glibc's growing heap threshold would keep cached after a free.
     env = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
@@ -74,3 +75,16 @@ def test_load_memory_stays_near_the_share_plus_one_shard(sharded_load):
     rank1_mapped = facts[1]["peak"]["RssFile"] - facts[1]["before"]["RssFile"]
     assert rank0_mapped <= facts[0]["checkpoint_bytes"] + 16 * MiB
     assert rank1_mapped < facts[1]["largest_shard_bytes"] / 4
+
+
+def test_the_planner_predicts_the_measured_load_memory(sharded_load):
+    """The planner's backbone shard + gathered parameters for this model, 2 GPUs and fp32 (the same formula it uses
+    for 70B in bf16) is what each rank's private memory grew by while loading, within 10%."""
+    facts, _ = sharded_load
+    shape = memory.model_shape(SHAPE.to_dict())
+    setup = memory.Setup(gpus_per_node=2, dtype="float32", max_live_parameters=0, prefetch_bucket=0)
+    planned = memory.plan(shape, setup)["per_gpu_bytes"]
+    for f in facts:
+        assert memory.parameter_counts(shape)["total"] == f["numel"]
+        grew = f["peak"]["RssAnon"] - f["before"]["RssAnon"]
+        assert planned["backbone_shard"] + planned["gathered_parameters"] == pytest.approx(grew, rel=0.1)
