@@ -112,7 +112,9 @@ def read_vertices(run_dir: str | Path) -> torch.Tensor:
 
     weights = Path(run_dir) / "final" / "simplex.safetensors"
     if not weights.is_file():
-        raise ConfigError(f"{weights} not found; pass the folder of a finished run (it has final/)")
+        replicas = (Path(run_dir) / "replica-0").is_dir()
+        hint = " (this run holds seed replicas: pass RUN_DIR/replica-R)" if replicas else ""
+        raise ConfigError(f"{weights} not found; pass the folder of a finished run (it has final/){hint}")
     return load_file(str(weights))["prefix.vertices"]
 
 

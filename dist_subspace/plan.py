@@ -176,7 +176,7 @@ def table(plan: dict) -> str:
     p = plan["parameters"]
     lines = [
         f"{plan['model']} ({plan['model_type']}, {p['total'] / 1e9:.2f}B parameters) on {s['nodes']} x "
-        f"{s['gpus_per_node']} GPUs of {s['gpu_memory'] / memory.GiB:.0f} GiB, {plan['ds_config'] or 'no DeepSpeed'}",
+        f"{s['gpus_per_node']} GPUs of {s['gpu_memory'] / memory.GiB:.1f} GiB, {plan['ds_config'] or 'no DeepSpeed'}",
         f"micro-batch {s['micro_batch']} x {s['seq_len']} tokens, P = {s['prefix_length']}, K = {s['vertices']}, "
         f"{s['dtype']}, gradient checkpointing {'on' if s['checkpointing'] else 'off'}",
         "",
