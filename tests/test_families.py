@@ -13,7 +13,7 @@ from dist_subspace.arch import prefix_geometry, sliding_window
 from dist_subspace.export import peft_prefix_config, peft_prefix_weight
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
 from tests import zero3_checks
-from tests.conftest import DECODER_CONFIGS, WINDOW, tiny_backbone
+from tests.conftest import DECODER_CONFIGS, WINDOW, run_args, tiny_backbone
 
 NEW_FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe"]
 WINDOWED = [f for f in NEW_FAMILIES if sliding_window(DECODER_CONFIGS[f]()) is not None]
@@ -206,3 +206,46 @@ def test_k3_under_zero3_equals_one_process(zero3_families, family):
     losses = zero3_checks.train_steps(model, 0, 1, lambda params, loss: loss)
     assert losses == pytest.approx(facts[0]["losses"], abs=1e-5)
     torch.testing.assert_close(zero3[0], model.simplex.vertices.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_the_trainer_and_generate_run_a_windowed_family(small_assets, tmp_path):
+    """`python -m dist_subspace.train` end to end on a tiny random Gemma 2 (window 8, P = 8: every input runs past
+    the window) with the real SmolLM2 tokenizer, then generation from its run folder."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM
+
+    from dist_subspace.generate import generate, load_run, parse_point
+    from dist_subspace.train import main as train
+
+    model_dir, data = small_assets
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    config = Gemma2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=WINDOW,
+        query_pre_attn_scalar=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(config).save_pretrained(tmp_path / "gemma")
+    tokenizer.save_pretrained(tmp_path / "gemma")
+    extra = ("train.max_steps=4", "train.eval_every=4", "train.save_every=4", "eval.landscape=false")
+    assert train(run_args(tmp_path / "gemma", data, tmp_path / "run", *extra)) == 0
+    assert load_file(str(tmp_path / "run" / "final" / "simplex.safetensors"))["prefix.vertices"].shape == (
+        3,
+        2,
+        2,
+        1,
+        8,
+        16,
+    )
+    backbone, tokenizer, vertices = load_run(tmp_path / "run")
+    out = generate(backbone, tokenizer, vertices, parse_point("vertex:2", 3), ["the film was"], max_new_tokens=12)
+    assert len(out[0]["new_token_ids"]) >= 1
