@@ -92,7 +92,7 @@ def sliding_window(config) -> int | None:
     """The window of the model's sliding-window attention layers, or None when every layer attends to all keys.
 
     A prefix stays visible to every query whatever the window (as in prefix tuning: it is a learned context, not
-    past text that scrolls out); :func:`dist_subspace.model.attention_mask` builds the masks that say so.
+    past text that scrolls out); :func:`dist_subspace.model.prefix_attention_mask` builds the masks that say so.
     """
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:
