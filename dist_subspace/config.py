@@ -26,14 +26,22 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name_or_path: str = "smollm2-135m"  # an embedded alias (smollm2-135m, minilm-l6), a local folder or a hub id
-    dtype: str = "auto"  # auto: bfloat16 on a GPU that has it, float32 on CPU; or float32 / bfloat16 / float16
+    dtype: str = "auto"  # auto: bfloat16 on a GPU with native bf16 (compute capability >= 8.0), else float32
     gradient_checkpointing: bool = False
-    max_length: int = 256
+    max_length: int = 256  # tokens per input; longer ones are truncated (decoders keep the end, encoders the start)
     adapter: str = "prefix"  # prefix: the simplex of prefixes; lora: the LoRA baseline (PEFT) over the same head
+    trust_remote_code: bool = False  # run Python files shipped with the model (auto_map); only for a model you trust
 
     def __post_init__(self) -> None:
-        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        if self.dtype == "float16":
+            raise ConfigError(
+                "model.dtype=float16 is not supported: nothing scales the loss for the simplex, whose gradients flow "
+                "back through the fp16 backbone and can underflow or overflow; use model.dtype=bfloat16 "
+                "(GPUs with compute capability >= 8.0) or float32"
+            )
+        _choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("model.adapter", self.adapter, ("prefix", "lora"))
+        _positive("model.max_length", self.max_length)
 
 
 @dataclass
@@ -127,6 +135,9 @@ class TrainConfig:
     tensorboard: bool = False
     progress: bool = True
     trace: bool = False  # write ranks/trace-rank-R.safetensors: every step's example indices and alphas on this rank
+    keep_checkpoints: int = 0  # keep the newest N checkpoints (and the best-so-far's); 0: keep all
+    skip_nonfinite: bool = False  # a non-finite loss or gradient skips the step (counted) instead of stopping the run
+    max_nonfinite_in_row: int = 5  # with skip_nonfinite: stop after this many non-finite steps in a row
 
     def __post_init__(self) -> None:
         counts = (
@@ -137,6 +148,7 @@ class TrainConfig:
             "eval_every",
             "save_every",
             "eval_batch_size",
+            "max_nonfinite_in_row",
         )
         for name in counts:
             _positive(f"train.{name}", getattr(self, name))
@@ -145,6 +157,8 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
+        if self.keep_checkpoints < 0:
+            raise ConfigError(f"train.keep_checkpoints must be >= 0 (0 keeps all; got {self.keep_checkpoints})")
 
 
 @dataclass
@@ -171,6 +185,10 @@ class EvalConfig:
 class EngineConfig:
     deepspeed: str | None = None  # a DeepSpeed JSON (a path or a name in ds_configs/, e.g. zero3_bf16)
     compile: bool = False  # torch.compile(fullgraph=True) the alpha sampler
+    collective_timeout_s: int = 1800  # a collective waiting longer than this (a hung rank) fails the run
+
+    def __post_init__(self) -> None:
+        _positive("engine.collective_timeout_s", self.collective_timeout_s)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,15 +35,106 @@ def resolve_ds_config(name: str) -> Path:
     raise ConfigError(f"engine.deepspeed={name!r}: no such file; give a path or one of {known}")
 
 
+def auto_dtype(capability: tuple[int, int] | None) -> torch.dtype:
+    """bfloat16 on a CUDA GPU of compute capability >= 8.0 (Ampere and later: native bf16), float32 otherwise.
+
+    ``capability`` is None without a GPU. V100 (7.0) and T4 (7.5) only emulate bf16 (slowly), although
+    ``torch.cuda.is_bf16_supported()`` says yes: they get float32. CPU bf16 matmuls are slow: float32.
+    """
+    return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float32
+
+
 def compute_dtype(name: str) -> torch.dtype:
-    """``auto`` is bfloat16 on a GPU that supports it and float32 elsewhere (CPU bf16 matmuls are slow)."""
+    """The backbone's dtype for ``model.dtype``: ``auto`` (see :func:`auto_dtype`), ``float32`` or ``bfloat16``."""
     if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+        return auto_dtype(torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
     return getattr(torch, name)
 
 
-def _fill_ds_config(ds: dict, cfg: Config, dtype: torch.dtype) -> dict:
+def read_ds_config(name: str) -> dict:
+    """A DeepSpeed JSON (:func:`resolve_ds_config`) as a dict; a one-line error naming the file and line if invalid."""
+    path = resolve_ds_config(name)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"engine.deepspeed: {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"engine.deepspeed: cannot read {path} ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"engine.deepspeed: {path} must hold a JSON object, not {type(ds).__name__}")
+    return ds
+
+
+def _explicit(value) -> bool:
+    return value is not None and value != "auto"
+
+
+def _offload_device(zero: dict, key: str) -> str | None:
+    device = (zero.get(key) or {}).get("device")
+    return None if device in (None, "none") else device
+
+
+def check_ds_config(
+    ds: dict, cfg: Config, dtype: torch.dtype, world_size: int, cuda: bool, strict: bool = True
+) -> None:
+    """Refuse DeepSpeed settings that contradict the run config or need a GPU this machine lacks.
+
+    ``strict`` (a JSON the user names with ``engine.deepspeed``): the run config is the one source of truth
+    for batch sizes and dtype, so a value other than ``"auto"`` must agree with it. Not strict (a config that
+    Accelerate built from its own YAML, with its own defaults): those values are overwritten with ours.
+    """
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError("the DeepSpeed config's zero_optimization.stage must be 0, 1, 2 or 3")
+    if _offload_device(zero, "offload_optimizer"):
+        raise ConfigError(
+            "the DeepSpeed config offloads an optimizer, but DeepSpeed has none here (the simplex is optimised "
+            "outside it); remove zero_optimization.offload_optimizer"
+        )
+    if not cuda:
+        if _offload_device(zero, "offload_param") == "nvme" or "aio" in ds:
+            raise ConfigError(
+                "the DeepSpeed config offloads to NVMe (async I/O), which needs a GPU machine; on this machine "
+                'without a GPU use zero_optimization.offload_param.device="cpu"'
+            )
+        if (ds.get("amp") or {}).get("enabled"):
+            raise ConfigError("the DeepSpeed config enables amp (NVIDIA apex), which needs a GPU; remove it")
+    if not strict:
+        return
+    t = cfg.train
+    for key, ours, name in (
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum"),
+    ):
+        if _explicit(ds.get(key)) and ds[key] != ours:
+            raise ConfigError(f'the DeepSpeed config sets {key}={ds[key]} but {name}={ours}; set it to "auto"')
+    total = ds.get("train_batch_size")
+    if _explicit(total):
+        per_step = t.micro_batch_size * t.grad_accum
+        if not isinstance(total, int) or total % world_size:
+            raise ConfigError(
+                f"the DeepSpeed config's train_batch_size={total!r} cannot be divided over {world_size} process(es); "
+                'set it to "auto": the global batch is train.micro_batch_size x train.grad_accum x world size'
+            )
+        if total != per_step * world_size:
+            raise ConfigError(
+                f"the DeepSpeed config's train_batch_size={total} != train.micro_batch_size {t.micro_batch_size} x "
+                f'train.grad_accum {t.grad_accum} x world size {world_size}; set it to "auto"'
+            )
+    for section, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", False)):
+        enabled = (ds.get(section) or {}).get("enabled")
+        if isinstance(enabled, bool) and enabled != wanted:
+            raise ConfigError(
+                f"the DeepSpeed config sets {section}.enabled={str(enabled).lower()} but the compute dtype is "
+                f'{str(dtype).removeprefix("torch.")} (model.dtype={cfg.model.dtype}); set it to "auto"'
+            )
+
+
+def _fill_ds_config(ds: dict, cfg: Config, dtype: torch.dtype, strict: bool = True) -> dict:
     """Replace DeepSpeed's ``"auto"`` values with ours (one source of truth: the run config)."""
+    check_ds_config(ds, cfg, dtype, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), strict)
     ds = json.loads(json.dumps(ds))
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
@@ -71,18 +163,22 @@ class Engine:
 
     def __init__(self, cfg: Config) -> None:
         self.dtype = compute_dtype(cfg.model.dtype)
+        self.trust_remote_code = cfg.model.trust_remote_code
         plugin = None
         if cfg.engine.deepspeed:
-            ds = json.loads(resolve_ds_config(cfg.engine.deepspeed).read_text())
+            ds = read_ds_config(cfg.engine.deepspeed)
             plugin = DeepSpeedPlugin(hf_ds_config=_fill_ds_config(ds, cfg, self.dtype))
         elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             plugin = DeepSpeedPlugin()  # from `accelerate launch --config_file` (its deepspeed_config_file)
-            plugin.deepspeed_config.update(_fill_ds_config(plugin.deepspeed_config, cfg, self.dtype))
+            plugin.deepspeed_config.update(_fill_ds_config(plugin.deepspeed_config, cfg, self.dtype, strict=False))
         if plugin is not None and "RANK" not in os.environ:
             _single_process_env()  # plain `python -m` with DeepSpeed: be rank 0 of 1 (else it looks for MPI)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or plugin is not None
         # Without a GPU, accelerate would make every rank "rank 0 of 1" while DeepSpeed sees them all: ask for gloo.
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+        # A collective that waits longer than the timeout (a hung peer) raises instead of hanging the job.
+        timeout = timedelta(seconds=cfg.engine.collective_timeout_s)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if distributed else []
         self.accelerator = Accelerator(
             kwargs_handlers=handlers, deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.train.grad_accum
         )
@@ -121,15 +217,17 @@ class Engine:
 
     # ---- the backbone ----------------------------------------------------------------------------
     def load_backbone(self, path: str, decoder: bool) -> nn.Module:
-        """from_pretrained in the compute dtype; under ZeRO-3 each rank only ever holds its shard."""
+        """from_pretrained in the compute dtype; under ZeRO-3 each rank only ever holds its shard. Weights only
+        from safetensors (a pickled .bin can run code), the model's own code only with ``trust_remote_code``."""
         from transformers import AutoModel, AutoModelForCausalLM
 
         cls = AutoModelForCausalLM if decoder else AutoModel
+        safe = {"dtype": self.dtype, "use_safetensors": True, "trust_remote_code": self.trust_remote_code}
         kwargs = {} if decoder else {"add_pooling_layer": False}
         try:
-            model = cls.from_pretrained(path, dtype=self.dtype, **kwargs)
+            model = cls.from_pretrained(path, **safe, **kwargs)
         except TypeError:  # families without a pooler
-            model = cls.from_pretrained(path, dtype=self.dtype)
+            model = cls.from_pretrained(path, **safe)
         model.eval()
         if not self.partitioned:
             model.to(self.device)
@@ -173,6 +271,14 @@ class Engine:
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one all-reduce of one number)."""
+        if self.world_size == 1:
+            return flag
+        count = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(count)
+        return bool(count.item() > 0)
 
     def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Make every rank hold rank 0's ``tensor`` (in place)."""
