@@ -1,16 +1,23 @@
 """Checkpoints hold only what is trained: the simplex, its optimizer and scheduler, the step, the best-so-far.
 
 Everything is safetensors + JSON (no pickle) and world-size independent (the simplex is replicated).
-A checkpoint is written into a temporary folder and renamed into place, so ``step-N/`` exists only complete.
+A checkpoint is written into a temporary folder, sealed (``checksums.json``, then every file and folder
+fsync'ed) and renamed into place, so ``step-N/`` exists only complete, even after a power loss. A save
+killed midway leaves ``.tmp-*``/``.old-*`` folders that :func:`recover_interrupted_saves` resolves on the
+next start; docs/RELIABILITY.md lists every stage and what survives it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_subspace.export import save_peft_prefix
@@ -57,11 +64,15 @@ def simplex_tensors(model: PrefixSubspaceModel) -> dict[str, torch.Tensor]:
 def load_simplex_tensors(model: PrefixSubspaceModel, tensors: dict[str, torch.Tensor]) -> None:
     """Copy saved simplex tensors into ``model`` (shapes must match)."""
     params = _simplex_parameters(model)
+    fix = "it was trained with another simplex.vertices, prefix.length or model; use one of this configuration"
     if set(params) != set(tensors):
-        raise ValueError(f"checkpoint holds {sorted(tensors)}, the model expects {sorted(params)}")
+        raise ValueError(f"the checkpoint holds {sorted(tensors)}, this model expects {sorted(params)}: {fix}")
     for name, p in params.items():
         if tuple(tensors[name].shape) != tuple(p.shape):
-            raise ValueError(f"{name}: checkpoint shape {tuple(tensors[name].shape)} != model {tuple(p.shape)}")
+            raise ValueError(
+                f"{name}: the checkpoint's shape {tuple(tensors[name].shape)} differs from this model's "
+                f"{tuple(p.shape)} ([K, L, 2, H_kv, P, D] for the prefix): {fix}"
+            )
         p.copy_(tensors[name].to(p.device, p.dtype))
 
 
@@ -72,15 +83,162 @@ def _atomic_dir(target: Path) -> Path:
     return tmp
 
 
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or run folder that cannot be used (missing, truncated or corrupt file); one-line message."""
+
+
+def _crash_point(stage: str, path: Path) -> None:
+    """The stages at which a save can be interrupted (``written``, ``sealed``, ``old-moved``, ``published``,
+    ``pruning``). Does nothing; the reliability tests replace it to kill the process exactly there."""
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's (its entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _seal(folder: Path) -> None:
+    """Write ``checksums.json`` (sha256 of every file), then fsync every file and folder, so that a rename
+    that follows can never publish an empty or partial file (a power loss keeps renames, not unflushed data)."""
+    sums = {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)}
+    (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1) + "\n")
+    for path in _files(folder):
+        _fsync(path)
+    for sub in sorted({p.parent for p in _files(folder)}, key=lambda p: -len(p.parts)):
+        _fsync(sub)
+
+
 def _publish(tmp: Path, target: Path) -> None:
+    """Seal ``tmp`` and rename it to ``target``; an existing ``target`` is moved aside to ``.old-*`` first and
+    deleted only once the new one is in place."""
+    _crash_point("written", tmp)
+    _seal(tmp)
+    _crash_point("sealed", tmp)
     if target.exists():
         old = target.parent / f".old-{target.name}"
         shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
+        _crash_point("old-moved", old)
         tmp.rename(target)
+        _fsync(target.parent)
+        _crash_point("published", target)
         shutil.rmtree(old)
     else:
         tmp.rename(target)
+        _fsync(target.parent)
+        _crash_point("published", target)
+
+
+def discard_partial(target: Path) -> None:
+    """Remove the temporary folder of a save of ``target`` that failed (e.g. a full disk)."""
+    shutil.rmtree(target.parent / f".tmp-{target.name}", ignore_errors=True)
+
+
+def recover_interrupted_saves(output_dir: Path) -> list[str]:
+    """Resolve what a save killed midway left in a run folder; returns what was done, for the log.
+
+    ``.tmp-X`` (never published) and ``.del-X`` (retention was deleting it) are removed; ``.old-X`` whose ``X``
+    is missing (killed between the two renames of a replacement) is the previous, complete ``X``: it is put
+    back; any other ``.old-X`` is removed. Run it on one process, before anything reads the run folder.
+    """
+    done = []
+    for parent in (output_dir, output_dir / "checkpoints", *sorted(output_dir.glob("replica-*"))):
+        if not parent.is_dir():
+            continue
+        for path in sorted(parent.iterdir()):
+            prefix, target = path.name[:5], parent / path.name[5:]
+            if prefix in (".tmp-", ".del-") or (prefix == ".old-" and target.exists()):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                done.append(f"removed {path}")
+            elif prefix == ".old-":
+                path.rename(target)
+                _fsync(parent)
+                done.append(f"restored {target} (a save was interrupted while replacing it)")
+    return done
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The published ``checkpoints/step-N`` folders of a run, oldest first."""
+    folders = [
+        p
+        for p in (output_dir / "checkpoints").glob("step-*")
+        if p.name[5:].isdigit() and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(folders, key=lambda p: int(p.name[5:]))
+
+
+def prune_checkpoints(output_dir: Path, keep: int, protect_steps: Sequence[int | None] = ()) -> list[Path]:
+    """Keep the newest ``keep`` checkpoints and those of ``protect_steps`` (the best-so-far's steps, one per
+    replica); delete older ones (each renamed to ``.del-*`` first, atomic, then removed). ``keep=0`` keeps all.
+    Call after a save is complete: a checkpoint is deleted only once a newer one is published."""
+    if keep < 1:
+        return []
+    folders = complete_checkpoints(output_dir)
+    removed = []
+    for folder in folders[:-keep]:
+        if folder.name in {f"step-{s}" for s in protect_steps}:
+            continue
+        doomed = folder.parent / f".del-{folder.name}"
+        folder.rename(doomed)
+        _crash_point("pruning", doomed)
+        shutil.rmtree(doomed)
+        removed.append(folder)
+    return removed
+
+
+def verify_folder(folder: Path, required: Sequence[str], hint: str) -> None:
+    """Refuse a checkpoint or ``final/`` folder that is incomplete, truncated or corrupt, in one line ending in
+    ``hint`` (what to do): every ``required`` file is there, every file matches ``checksums.json`` (written
+    when the folder was sealed; folders from before it are only header-checked), every safetensors header reads."""
+    for name in required:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{folder}: {name} is missing; {hint}")
+    sums_path = folder / CHECKSUMS
+    if sums_path.is_file():
+        try:
+            sums = json.loads(sums_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{sums_path} is corrupt (not JSON); {hint}") from None
+        for name, digest in sums.items():
+            path = folder / name
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing; {hint}")
+            if _sha256(path) != digest:
+                raise CheckpointError(f"{path} is truncated or corrupt (its sha256 differs from {CHECKSUMS}); {hint}")
+    for path in folder.rglob("*.safetensors"):
+        read_tensors(path, hint, header_only=True)
+
+
+def read_tensors(path: Path, hint: str = "", header_only: bool = False) -> dict[str, torch.Tensor]:
+    """``load_file`` with a one-line :class:`CheckpointError` for a missing, truncated or corrupt file."""
+    try:
+        if header_only:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+            return {}
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is truncated or corrupt ({detail}){'; ' + hint if hint else ''}") from None
 
 
 def save_checkpoint(
@@ -123,15 +281,20 @@ def save_checkpoint(
     _publish(tmp, folder)
 
 
+RESUME_HINT = "delete that checkpoint folder to resume from the one before, or pass train.resume=<an older step-N>"
+
+
 def read_checkpoint(folder: Path) -> dict:
     """Everything in a checkpoint folder as plain data (CPU tensors, JSON values): ``simplex``, ``optimizer``
     (tensors), the trainer state's keys (``step``, ``optimizer`` scalars and groups, ``scheduler``) and ``best``
-    (``scores``, ``steps``, ``tensors``). Read on one rank, sent to the others (node-local disks)."""
+    (``scores``, ``steps``, ``tensors``). Read on one rank, sent to the others (node-local disks). A missing,
+    truncated or corrupt file is refused in one line (:class:`CheckpointError`)."""
+    verify_folder(folder, ("simplex.safetensors", "optimizer.safetensors", "trainer_state.json"), RESUME_HINT)
     state = json.loads((folder / "trainer_state.json").read_text())
-    state["simplex"] = load_file(str(folder / "simplex.safetensors"))
-    state["optimizer_tensors"] = load_file(str(folder / "optimizer.safetensors"))
+    state["simplex"] = read_tensors(folder / "simplex.safetensors", RESUME_HINT)
+    state["optimizer_tensors"] = read_tensors(folder / "optimizer.safetensors", RESUME_HINT)
     best = folder / "best_simplex.safetensors"
-    state["best"]["tensors"] = load_file(str(best)) if best.exists() else None
+    state["best"]["tensors"] = read_tensors(best, RESUME_HINT) if best.exists() else None
     return state
 
 
@@ -158,9 +321,9 @@ def load_checkpoint(folder: Path, model: PrefixSubspaceModel, optimizer: torch.o
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest complete ``checkpoints/step-N`` in a run folder, if any."""
-    folders = [p for p in (output_dir / "checkpoints").glob("step-*") if p.name[5:].isdigit()]
-    return max(folders, key=lambda p: int(p.name[5:])) if folders else None
+    """The newest complete ``checkpoints/step-N`` in a run folder, if any (``.tmp-*``/``.old-*`` never count)."""
+    folders = complete_checkpoints(output_dir)
+    return folders[-1] if folders else None
 
 
 def save_final(folder: Path, model: PrefixSubspaceModel, info: dict, tensors: dict | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from dist_subspace.checkpoint import (
     apply_checkpoint,
     latest_checkpoint,
     load_simplex_tensors,
+    prune_checkpoints,
     put_replica,
     read_checkpoint,
     replica_slice,
@@ -33,8 +35,10 @@ from dist_subspace.checkpoint import (
     simplex_tensors,
 )
 from dist_subspace.config import Config, save_config
+from dist_subspace.data import truncation_report
 from dist_subspace.engine import Engine, parameter_counts
 from dist_subspace.evaluation import evaluate_replicas, write_landscapes
+from dist_subspace.guards import NonFiniteGuard, stop_if_write_fails
 from dist_subspace.metrics import task_loss
 from dist_subspace.schedule import lr_factor, sampling_coordinates, step_examples
 
@@ -81,6 +85,7 @@ class Recipe:
         self.trace: dict[str, torch.Tensor] = {}
         self.best: dict = {"scores": [None] * r, "steps": [None] * r, "tensors": None}
         self.summaries: list[dict] = [{} for _ in range(r)]
+        self.guard = NonFiniteGuard(cfg.train.skip_nonfinite, cfg.train.max_nonfinite_in_row)
         self.sampler = simplex.sample_alpha
         if cfg.engine.compile:
             self.sampler = torch.compile(simplex.sample_alpha, fullgraph=True, dynamic=False)
@@ -139,6 +144,8 @@ class Recipe:
         )
         s = self.splits[0]
         self.log(f"data: {s.task.name}: train {len(s.train)}, dev {len(s.dev)}, test {len(s.test)} (per replica)")
+        if engine.is_main:
+            self.log(truncation_report(self.collator, {"train": s.train, "dev": s.dev, "test": s.test}))
 
     def prepare_folders(self) -> None:
         """Write the resolved config(s) and example manifests; on resume drop rows logged after the
@@ -153,7 +160,7 @@ class Recipe:
             (folder / "examples.json").write_text(json.dumps(self.splits[r].manifest()) + "\n")
             log = folder / "metrics.jsonl"
             if self.step > 0 and log.exists():
-                rows = [row for row in log.read_text().splitlines() if _logged_step(row) <= self.step]
+                rows = [row for row in log.read_text().splitlines() if _before_checkpoint(row, self.step)]
                 log.write_text("".join(f"{row}\n" for row in rows))
             if self.cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked)
                 log.unlink(missing_ok=True)
@@ -173,6 +180,7 @@ class Recipe:
             return
         for r, values in enumerate(rows):
             row = {"step": self.step, "split": split, **values}
+            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON
             with open(self.dirs[r] / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.writer is not None:
@@ -242,7 +250,8 @@ class Recipe:
         total = engine.all_reduce_mean_grads(params, total)
         self.grad_norm = clip_grad_norm_per_replica(params, r, cfg.train.max_grad_norm)
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
-        self.optimizer.step()
+        if self.guard.step_is_finite(engine, total, self.grad_norm, self.step + 1, self.out):  # all ranks agree
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step_tensor += 1
@@ -296,10 +305,13 @@ class Recipe:
                 self.best["scores"][r], self.best["steps"][r] = result[metric], self.step
 
     def save(self) -> None:
-        if self.engine.is_main:
-            folder = self.out / "checkpoints" / f"step-{self.step}"
-            save_checkpoint(folder, self.model, self.optimizer, self.scheduler, self.step, self.best, self.summaries)
-        self.engine.barrier()
+        folder = self.out / "checkpoints" / f"step-{self.step}"
+        with stop_if_write_fails(self.engine, [folder], self.out):  # e.g. a full disk: one line, the previous kept
+            if self.engine.is_main:
+                save_checkpoint(
+                    folder, self.model, self.optimizer, self.scheduler, self.step, self.best, self.summaries
+                )
+                prune_checkpoints(self.out, self.cfg.train.keep_checkpoints, self.best["steps"])
 
     def train(self) -> list[dict]:
         t, metric = self.cfg.train, self.task.metric
@@ -327,9 +339,11 @@ class Recipe:
             if progress is not None:
                 progress.update(1)
             if due(t.log_every):
-                mean = torch.stack(losses).mean(0)  # [R]
+                stacked = torch.stack(losses)  # [steps, R]; skipped non-finite steps are counted, not averaged
+                mean = stacked.masked_fill(~stacked.isfinite(), math.nan).nanmean(0)  # [R]
                 rate = global_batch * len(losses) / (time.perf_counter() - clock)
-                self.record("train", self._train_rows(mean, rate))
+                skipped = self.guard.log_fields()
+                self.record("train", [{**row, **skipped} for row in self._train_rows(mean, rate)])
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean.mean().item():.4f}", ex_s=f"{rate:.1f}")
                 clock, losses = time.perf_counter(), []
@@ -356,21 +370,23 @@ class Recipe:
         self.log(
             f"test {metric} after training ({cfg.eval.mode}, dev-selected): {_values(self.summaries, 'test_final')}"
         )
-        if self.engine.is_main:
-            tensors = simplex_tensors(self.model)
-            for r, summary in enumerate(self.summaries):
-                info = {
-                    "model": cfg.model.name_or_path,
-                    "sampling": cfg.simplex.sampling,
-                    "task": self.task.name,
-                    "selected_step": self.best["steps"][r],
-                    "selected_by": cfg.eval.select_by,
-                    "dev_score": self.best["scores"][r],
-                    "seed": cfg.train.seed + r,
-                    "data_seed": cfg.data.seed + r,
-                }
-                save_final(self.dirs[r] / "final", self.model, info, replica_slice(tensors, r, cfg.simplex.vertices))
-                (self.dirs[r] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        with stop_if_write_fails(self.engine, [d / "final" for d in self.dirs], self.out):  # the checkpoints stay
+            if self.engine.is_main:
+                tensors = simplex_tensors(self.model)
+                for r, summary in enumerate(self.summaries):
+                    info = {
+                        "model": cfg.model.name_or_path,
+                        "sampling": cfg.simplex.sampling,
+                        "task": self.task.name,
+                        "selected_step": self.best["steps"][r],
+                        "selected_by": cfg.eval.select_by,
+                        "dev_score": self.best["scores"][r],
+                        "seed": cfg.train.seed + r,
+                        "data_seed": cfg.data.seed + r,
+                    }
+                    tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
+                    save_final(self.dirs[r] / "final", self.model, info, tensors_r)
+                    (self.dirs[r] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         self._write_rank_facts()
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
@@ -434,3 +450,10 @@ def _logged_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
+
+
+def _before_checkpoint(line: str, step: int) -> bool:
+    """A metrics.jsonl row logged before the checkpoint of ``step`` was saved: an earlier step, or a train/dev
+    row of that step (its test rows come after the last save, at the end of the run, and are logged again)."""
+    logged = _logged_step(line)
+    return logged < step or (logged == step and json.loads(line).get("split") != "test")

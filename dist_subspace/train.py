@@ -15,9 +15,11 @@ import json
 import os
 from pathlib import Path
 
-from dist_subspace.checkpoint import latest_checkpoint
-from dist_subspace.cli import USER_ERRORS, exit_now, user_error
+from dist_subspace.checkpoint import latest_checkpoint, recover_interrupted_saves
+from dist_subspace.cli import USER_ERRORS, collective_failure, exit_now, run_stopped, user_error
 from dist_subspace.config import Config, ConfigError, load_config
+from dist_subspace.guards import RunStopped
+from dist_subspace.preflight import check_output_dir, check_train, is_main_rank
 from dist_subspace.recipe import Recipe
 
 
@@ -56,9 +58,16 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(config_path, overrides)
         if deepspeed_launcher and cfg.engine.deepspeed is None:
             cfg.engine.deepspeed = "zero3_bf16"  # launched by `deepspeed`: it means DeepSpeed; ZeRO-3 by default
+        check_output_dir(Path(cfg.train.output_dir))
+        if is_main_rank():  # before anything reads the run folder (the other ranks wait in the engine's start)
+            for done in recover_interrupted_saves(Path(cfg.train.output_dir)):
+                print(f"[dist_subspace] {done}", flush=True)
         prepare_output_dir(cfg)
-    except ConfigError as err:
+        check_train(cfg)  # resume target, model folder, DeepSpeed JSON, optional packages: before anything loads
+    except USER_ERRORS as err:
         return user_error(err)
+    if cfg.model.trust_remote_code and is_main_rank():
+        print(f"[dist_subspace] model.trust_remote_code=true: Python files of {cfg.model.name_or_path} may run")
     recipe = Recipe(cfg)
     try:
         recipe.setup()
@@ -66,7 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         return user_error(err)
     recipe.prepare_folders()
     recipe.engine.barrier()
-    summaries = recipe.train()
+    try:
+        summaries = recipe.train()
+    except (RunStopped, OSError, RuntimeError) as err:  # a fault, not a bad input: one line, exit status 1
+        if isinstance(err, RuntimeError) and not isinstance(err, RunStopped) and not collective_failure(err):
+            raise  # a bug, not a fault: keep its traceback
+        return run_stopped(err, recipe.engine.is_main, recipe.engine.rank)
     recipe.log(json.dumps(summaries[0] if len(summaries) == 1 else {"replicas": summaries}))
     recipe.cleanup()
     return 0
