@@ -17,6 +17,7 @@ from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_sp
 from dist_subspace.embedded import resolve_model
 from dist_subspace.engine import Engine
 from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.preflight import check_context
 from dist_subspace.simplex import dirichlet_spread
 
 
@@ -48,17 +49,20 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     task = splits[0].task
     with engine.main_process_first():  # the first rank converts an embedded model once; the rest read it
         path = resolve_model(cfg.model.name_or_path)
-    decoder = arch_spec(AutoConfig.from_pretrained(path)).kind == "decoder"
+    trust = cfg.model.trust_remote_code  # off unless the config sets it (then said in the log)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    decoder = arch_spec(model_config).kind == "decoder"
+    check_context(model_config, cfg.model.max_length, cfg.prefix.length, decoder)
     if cfg.model.adapter == "lora" and engine.partitioned:
         raise ConfigError("model.adapter=lora runs with a replicated backbone: drop ZeRO-3 (engine.deepspeed)")
     if decoder and not cfg.simplex.train_prefix and cfg.model.adapter == "prefix":
         raise ConfigError("simplex.train_prefix=false leaves a decoder nothing to train (its verbalizer is fixed)")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
     collator = Collator(tokenizer, task, decoder, cfg.model.max_length)
+    words = label_token_ids(tokenizer, task.label_words) if decoder else None  # refused before the backbone loads
     backbone = engine.load_backbone(path, decoder)
     k, p, r = cfg.simplex.vertices, cfg.prefix.length, cfg.simplex.replicas
     if decoder:
-        words = label_token_ids(tokenizer, task.label_words)
         model = PrefixSubspaceModel(backbone, k, p, label_token_ids=words, replicas=r)
     else:
         model = PrefixSubspaceModel(backbone, k, p, num_outputs=task.head_outputs, replicas=r)

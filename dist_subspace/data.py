@@ -164,13 +164,43 @@ GLUE: dict[str, tuple[str, str | None, str]] = {
 
 
 # ---- sources -------------------------------------------------------------------------------------
-def read_table(path: str | Path):
-    """A local .csv/.tsv/.json/.jsonl/.parquet file as a pandas DataFrame (cells kept as written)."""
-    import pandas as pd
+def _first_bad_json_line(path: Path) -> int | None:
+    import json
 
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError:
+                    return number
+    return None
+
+
+def read_table(path: str | Path):
+    """A local .csv/.tsv/.json/.jsonl/.parquet file as a pandas DataFrame (cells kept as written); a one-line
+    error for a missing, empty, unreadable or cut-short file."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} not found; check data.task / data.data_files")
+    if path.stat().st_size == 0:
+        raise ValueError(f"data file {str(path)!r} is empty; give a file with a header and rows")
+    try:
+        frame = _read_table(path)
+    except (ValueError, OSError, UnicodeDecodeError) as err:  # pandas' and pyarrow's parse errors are ValueErrors
+        line = _first_bad_json_line(path) if path.suffix.lower() in (".json", ".jsonl") else None
+        where = f" (line {line} is not valid JSON)" if line else f" ({str(err).strip().splitlines()[0][:200]})"
+        raise ValueError(
+            f"data file {str(path)!r} cannot be read as {path.suffix.lower()}{where}; is it cut short or damaged?"
+        ) from None
+    if len(frame) == 0:
+        raise ValueError(f"data file {str(path)!r} holds no rows; give a file with labelled examples")
+    return frame
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
     suffix = path.suffix.lower()
     if suffix == ".csv":
         return pd.read_csv(path, keep_default_na=False)
@@ -201,16 +231,29 @@ def _require_columns(frame, where: str, **columns: str | None) -> None:
             )
 
 
-def _table_examples(frame, where: str, text: str, pair: str | None, label: str, to_label: Callable) -> list[Example]:
-    """Rows -> examples (``id`` = row index); rows whose label maps to None (GLUE's unlabelled -1) are skipped."""
+def _table_examples(
+    frame, where: str, text: str, pair: str | None, label: str, to_label: Callable, skip_empty: bool = False
+) -> list[Example]:
+    """Rows -> examples (``id`` = row index); rows whose label maps to None (GLUE's unlabelled -1) are skipped.
+
+    A row whose text (or pair text) is empty or only whitespace is refused, naming the row; ``skip_empty``
+    drops it instead (hub downloads, which the user cannot edit).
+    """
     _require_columns(frame, where, text_field=text, text_pair_field=pair, label_field=label)
     pairs = frame[pair].tolist() if pair else [None] * len(frame)
     rows = zip(frame[text].tolist(), pairs, frame[label].tolist(), strict=True)
     examples = []
     for i, (t, p, y) in enumerate(rows):
         y = to_label(y)
-        if y is not None:
-            examples.append({"text": _text(t), "text_pair": None if pair is None else _text(p), "label": y, "id": i})
+        if y is None:
+            continue
+        t, p = _text(t), None if pair is None else _text(p)
+        empty = [c for c, v in ((text, t), (pair, p)) if c is not None and not v.strip()]
+        if empty and skip_empty:
+            continue
+        if empty:
+            raise ValueError(f"{where}: row {i} has an empty text in column {empty[0]!r}; fill or remove such rows")
+        examples.append({"text": t, "text_pair": p, "label": y, "id": i})
     return examples
 
 
@@ -248,7 +291,7 @@ def _glue_source(name: str, data_files: dict[str, str] | None) -> Sources:
     for split, frame in frames.items():
         where = f"{name} {split} ({data_files[split]})" if data_files else f"{name} {split}"
         to_label = _regression_label(task, where) if task.regression else _label_index(task.label_names, where)
-        sources[split] = _table_examples(frame, where, text, pair, "label", to_label)
+        sources[split] = _table_examples(frame, where, text, pair, "label", to_label, skip_empty=data_files is None)
     return sources
 
 
@@ -304,7 +347,9 @@ def _local_source(
     frames = {split: read_table(path) for split, path in files.items()}
     for split, frame in frames.items():
         _require_columns(frame, files[split], label_field=label)
+        _check_labels(frame[label].tolist(), f"{files[split]}, column {label!r}")
     values = {v for frame in frames.values() for v in frame[label].tolist()}
+    _check_labels(list(values), f"column {label!r} of {', '.join(files.values())}")
     numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
     ordered = sorted(values) if numeric else sorted(values, key=str)
     names = tuple(str(v) for v in ordered)
@@ -319,6 +364,25 @@ def _local_source(
         for split, frame in frames.items()
     }
     return task, sources
+
+
+def _label_kind(value) -> str:
+    if isinstance(value, bool):
+        return "booleans"
+    return "numbers" if isinstance(value, (int, float)) else "strings"
+
+
+def _check_labels(values: list, where: str) -> None:
+    """Labels of a user's file: none missing (an empty cell, often a file cut short), and all of one kind."""
+    for i, value in enumerate(values):
+        if value is None or value != value or (isinstance(value, str) and not value.strip()):  # None, NaN, ""
+            raise ValueError(f"{where}: row {i} has no label (an empty cell: is the file cut short?); label every row")
+    kinds: dict[str, object] = {}
+    for value in values:
+        kinds.setdefault(_label_kind(value), value)
+    if len(kinds) > 1:
+        shown = " and ".join(f"{kind} (e.g. {example!r})" for kind, example in sorted(kinds.items()))
+        raise ValueError(f"{where} mixes {shown}; write every label the same way")
 
 
 # ---- protocols -----------------------------------------------------------------------------------
@@ -524,3 +588,27 @@ class Collator:
         if not self.decoder and "token_type_ids" in enc:  # BERT: segment ids tell a pair's two texts apart
             batch["token_type_ids"] = enc["token_type_ids"]
         return batch
+
+    def count_truncated(self, examples: Sequence[Example]) -> int:
+        """How many of ``examples`` are longer than ``max_length`` tokens, so that this collator cuts them."""
+        count = 0
+        for start in range(0, len(examples), 512):
+            chunk = examples[start : start + 512]
+            if self.decoder:
+                texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in chunk]
+                enc = self.tokenizer(texts, verbose=False)
+            else:
+                pairs = [e["text_pair"] for e in chunk] if self.task.has_pair else None
+                enc = self.tokenizer([e["text"] for e in chunk], pairs, verbose=False)
+            count += sum(len(ids) > self.max_length for ids in enc["input_ids"])
+        return count
+
+
+def truncation_report(collator: Collator, splits: dict[str, Sequence[Example]]) -> str:
+    """The truncation policy and how many examples of each split it cuts, for the log."""
+    counts = ", ".join(f"{collator.count_truncated(ex)} of {len(ex)} {name}" for name, ex in splits.items())
+    if collator.decoder:
+        policy = "their last tokens are kept (the prompt's end, where the answer is read)"
+    else:
+        policy = "their first tokens are kept (of a pair, the longer text is cut)"
+    return f"truncation: inputs over model.max_length={collator.max_length} tokens are cut, {policy}: {counts}"

@@ -11,11 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from dist_subspace.cli import USER_ERRORS, exit_now, user_error
 from dist_subspace.config import ConfigError, check_eval_mode, load_config
 from dist_subspace.evaluation import evaluate, write_landscape
+from dist_subspace.preflight import check_model_folder, check_run_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,22 +31,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     weights = args.run_dir / "final" / "simplex.safetensors"
     try:
-        if not weights.is_file():
-            raise ConfigError(f"{weights} not found; pass the folder of a finished run (it has final/)")
+        check_run_folder(args.run_dir)  # a finished run, final/ complete and not corrupt: before anything loads
         overrides = [f"data.{item}" for item in args.data] + ["eval.landscape=false", "train.resume=none"]
         cfg = load_config(args.run_dir / "config.yaml", overrides)
         mode = args.mode or cfg.eval.mode
         check_eval_mode(mode)
+        check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except ConfigError as err:
         return user_error(err)
     from dist_subspace.assembly import build
-    from dist_subspace.checkpoint import load_simplex_tensors
+    from dist_subspace.checkpoint import load_simplex_tensors, read_tensors
     from dist_subspace.engine import Engine
 
-    engine = Engine(cfg)
     try:
+        engine = Engine(cfg)
         (splits,), collator, model, _ = build(cfg, engine)
-        load_simplex_tensors(model, load_file(str(weights)))
+        load_simplex_tensors(model, read_tensors(weights))
         examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
         result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)
     except USER_ERRORS as err:
