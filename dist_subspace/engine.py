@@ -163,6 +163,8 @@ class Engine:
 
     def __init__(self, cfg: Config) -> None:
         self.dtype = compute_dtype(cfg.model.dtype)
+        # Accelerate sets this when given a plugin, and reads it in every later Accelerator: restored by end().
+        self._use_deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED")
         self.trust_remote_code = cfg.model.trust_remote_code
         plugin = None
         if cfg.engine.deepspeed:
@@ -311,6 +313,10 @@ class Engine:
             dist.destroy_process_group()
         AcceleratorState._reset_state(reset_partial_state=True)
         unset_hf_deepspeed_config()
+        if self._use_deepspeed_env is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = self._use_deepspeed_env
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int, int]:

@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from dist_subspace.checkpoint import load_simplex_tensors, read_tensors
     from dist_subspace.engine import Engine
 
+    engine = None
     try:
         engine = Engine(cfg)
         (splits,), collator, model, _ = build(cfg, engine)
@@ -50,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
         result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)
     except USER_ERRORS as err:
+        if engine is not None:
+            engine.end()  # a later run in this process (a notebook, a test) starts clean
         return user_error(err)
     result = {"metric": splits.task.metric, "value": result[splits.task.metric], "split": args.split, **result}
     if args.landscape:

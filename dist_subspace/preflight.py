@@ -183,8 +183,10 @@ def check_optional_packages(cfg: Config) -> None:
 
 
 def check_train(cfg: Config) -> None:
-    """Everything about a training run that can be refused before the engine starts and the model loads."""
-    check_resume(cfg)
+    """Everything about a training run that can be refused before the engine starts and the model loads.
+    Only rank 0 reads a checkpoint (on node-local disks the others may hold none): it alone checks it."""
+    if is_main_rank():
+        check_resume(cfg)
     check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_optional_packages(cfg)
     if cfg.engine.deepspeed:

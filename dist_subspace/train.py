@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe.setup()
     except USER_ERRORS as err:
+        if hasattr(recipe, "engine"):
+            recipe.engine.end()  # a later run in this process (a notebook, a test) starts clean
         return user_error(err)
     recipe.prepare_folders()
     recipe.engine.barrier()
@@ -80,7 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     except (RunStopped, OSError, RuntimeError) as err:  # a fault, not a bad input: one line, exit status 1
         if isinstance(err, RuntimeError) and not isinstance(err, RunStopped) and not collective_failure(err):
             raise  # a bug, not a fault: keep its traceback
-        return run_stopped(err, recipe.engine.is_main, recipe.engine.rank)
+        code = run_stopped(err, recipe.engine.is_main, recipe.engine.rank)
+        if isinstance(err, RunStopped):  # every rank stopped together: closing the process group cannot hang
+            recipe.cleanup()
+        return code
     recipe.log(json.dumps(summaries[0] if len(summaries) == 1 else {"replicas": summaries}))
     recipe.cleanup()
     return 0

@@ -840,8 +840,12 @@ def test_the_engine_loads_weights_only_from_safetensors(tmp_path):
     weights = tmp_path / "model.safetensors"
     torch.save(load_file(str(weights)), tmp_path / "pytorch_model.bin")  # what an old checkpoint on a hub holds
     weights.unlink()
-    with pytest.raises(OSError, match="safetensors"):
-        Engine(load_config(None, [])).load_backbone(str(tmp_path), decoder=True)
+    engine = Engine(load_config(None, []))
+    try:
+        with pytest.raises(OSError, match="safetensors"):
+            engine.load_backbone(str(tmp_path), decoder=True)
+    finally:
+        engine.end()
 
 
 # ---- units: dtype, retention, truncation ---------------------------------------------------------
