@@ -363,6 +363,7 @@ def test_a_hung_rank_fails_the_collective_after_the_timeout_and_the_nan_flag_is_
     assert "rank 0 takes the step: False" in out and "rank 1 takes the step: False" in out  # rank 1's NaN, both skip
     assert "rank 0 stopped: non-finite" in out and "rank 1 stopped: non-finite" in out  # both stop together
     waited = float(re.search(r"rank 0 collective failed after ([\d.]+) s", out).group(1))
+    print(f"\nhung rank 1 -> rank 0's collective failed after {waited:.1f} s (engine.collective_timeout_s=4)")
     assert 3.5 <= waited < 20, out[-3000:]  # engine.collective_timeout_s=4, not torch's 30 minutes
     assert "error: rank 0: a collective failed (a peer process died, or hung past engine.collective_timeout_s)" in out
     assert result.returncode != 0
@@ -792,6 +793,24 @@ def test_evaluate_refuses_a_bad_run_folder_in_one_line(case, reference, small_as
     assert evaluate_main([str(run_dir)]) == 2
     _one_error_line(capsys, message)
     assert _snapshot(run_dir) == before
+
+
+def test_empty_texts_refused_in_a_users_file_skipped_in_a_hub_download(tmp_path, monkeypatch):
+    """The user can fix their file; they cannot edit a hub data set (no network here: load_dataset is replaced)."""
+    import datasets
+
+    from dist_subspace.data import load_splits
+
+    rows = [{"question1": f"q{i}", "question2": "" if i == 3 else f"r{i}", "label": i % 2} for i in range(12)]
+    files = {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "val.jsonl")}
+    for path in files.values():
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"row 3 has an empty text in column 'question2'"):
+        load_splits("qqp", shots_per_class=2, data_files=files)
+    hub = datasets.DatasetDict(train=datasets.Dataset.from_list(rows), validation=datasets.Dataset.from_list(rows))
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name: hub)
+    splits = load_splits("qqp", shots_per_class=2, test_size=0)
+    assert 3 not in [e["id"] for e in splits.test] and len(splits.test) == 11
 
 
 # ---- safe loading --------------------------------------------------------------------------------
