@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device).eval()
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), use_safetensors=True)
+    backbone = backbone.to(device).eval()
     splits = load_splits("rotten_tomatoes", shots_per_class=args.batch // 2, seed=0, test_size=100)
     batch = Collator(tokenizer, splits.task, decoder=True)(list(enumerate(splits.train)))
     batch = {k: v.to(device) for k, v in batch.items()}

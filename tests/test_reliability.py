@@ -250,7 +250,10 @@ def test_killed_during_a_save_resume_ends_where_an_uninterrupted_run_ends(
     assert latest_checkpoint(out).name == ("step-6" if "step" in name else "step-12")
     capsys.readouterr()
     assert main(run_args(model_dir, data, out, *QUICK, "train.resume=auto")) == 0
-    assert f"removed {parent / name}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"removed {parent / name}" in printed
+    assert "truncation: inputs over model.max_length=256 tokens are cut" in printed  # the policy, in the log
+    assert "0 of 16 train, 0 of 16 dev, 0 of 41 test" in printed  # and what it cut
     assert _leftovers(out) == []
     _same_as_reference(out, reference)
 
