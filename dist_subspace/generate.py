@@ -107,15 +107,19 @@ def generate_ids(
 
 
 def read_vertices(run_dir: str | Path) -> torch.Tensor:
-    """A finished run's vertices ``[K, L, 2, H_kv, P, D]`` (float32)."""
-    from safetensors.torch import load_file
+    """A finished run's vertices ``[K, L, 2, H_kv, P, D]`` (float32); a cut-short or corrupt file is one line."""
+    from dist_subspace.checkpoint import CheckpointError, read_tensors, verify_folder
 
     weights = Path(run_dir) / "final" / "simplex.safetensors"
     if not weights.is_file():
         replicas = (Path(run_dir) / "replica-0").is_dir()
         hint = " (this run holds seed replicas: pass RUN_DIR/replica-R)" if replicas else ""
         raise ConfigError(f"{weights} not found; pass the folder of a finished run (it has final/){hint}")
-    return load_file(str(weights))["prefix.vertices"]
+    try:
+        verify_folder(weights.parent, ("simplex.safetensors",), "rewrite final/ with train.resume=auto on the run")
+        return read_tensors(weights)["prefix.vertices"]
+    except CheckpointError as err:
+        raise ConfigError(str(err)) from None
 
 
 def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, object, torch.Tensor]:
@@ -132,7 +136,7 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     if cfg.model.adapter != "prefix":
         raise ConfigError(f"{run_dir} trained model.adapter={cfg.model.adapter}, not a prefix simplex")
     path = resolve_model(cfg.model.name_or_path)
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).eval()
     if arch_spec(backbone.config).kind != "decoder":
         raise ConfigError(f"{run_dir} is an encoder run ({backbone.config.model_type}): only decoders generate")
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -13,7 +13,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,9 +44,8 @@ from dist_subspace.evaluate import main as evaluate_main
 from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.train import main
 from tests.conftest import run_args, tiny_backbone
+from tests.two_nodes import BIN, ROOT, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 NO_BEST = {"scores": [None], "steps": [None], "tensors": None}
 QUICK = ("eval.landscape=false",)
 
@@ -343,14 +341,8 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(small_assets, tmp_path):
 
 
 # ---- a killed rank, a hung rank (2 processes) ----------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(*args: str) -> list[str]:
-    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_free_port()), *args]
+    return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), *args]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -773,6 +765,16 @@ EVALUATE_CASES = {
         "simplex.safetensors is truncated or corrupt (Error while deserializing header",
     ),
 }
+
+
+@pytest.mark.slow
+def test_generate_refuses_a_cut_short_final_in_one_line(reference, small_assets, tmp_path, capsys, no_backbone):
+    from dist_subspace.generate import main as generate_main
+
+    ctx = Ctx(tmp_path, *small_assets, reference, None)
+    run_dir = _damage(ctx.run_copy() / "final/simplex.safetensors", cut=True)
+    assert generate_main([str(run_dir), "--prompt", "Review: fine\nSentiment:"]) == 2
+    _one_error_line(capsys, "simplex.safetensors is truncated or corrupt (its sha256 differs from checksums.json)")
 
 
 def _damage(path: Path, cut: bool) -> Path:
