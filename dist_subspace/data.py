@@ -548,9 +548,10 @@ class Collator:
     """Examples -> ``input_ids``/``attention_mask`` ``[B, S]``, ``labels`` ``[B]``, ``index`` ``[B]`` (and
     ``token_type_ids`` ``[B, S]`` for encoders whose tokenizer gives them).
 
-    Decoders see the task's prompt, left-padded so the answer position is the last one; encoders see the
-    raw text (pair), right-padded. ``index`` is the example's position in its split: with the step it
-    seeds the example's alpha.
+    Decoders see the task's prompt, right-padded (a causal query never sees the pads after it, so attention needs
+    no mask; the model reads each example's last real token) and truncated on the left (the prompt's end, the
+    answer position, is always kept); encoders see the raw text (pair), right-padded and truncated. ``index`` is
+    the example's position in its split: with the step it seeds the example's alpha.
     """
 
     def __init__(self, tokenizer, task: TaskSpec, decoder: bool, max_length: int = 256) -> None:
@@ -561,9 +562,8 @@ class Collator:
     def __call__(self, items: Sequence[tuple[int, Example]]) -> dict[str, torch.Tensor]:
         index = torch.tensor([i for i, _ in items], dtype=torch.long)
         examples = [e for _, e in items]
-        # Decoders: pad and truncate on the left, so the prompt's end (the answer position) is always kept.
-        side = "left" if self.decoder else "right"
-        self.tokenizer.padding_side = self.tokenizer.truncation_side = side
+        self.tokenizer.padding_side = "right"
+        self.tokenizer.truncation_side = "left" if self.decoder else "right"
         if self.decoder:
             texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in examples]
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")

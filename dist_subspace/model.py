@@ -16,13 +16,14 @@ without storing them: stateless, so a fresh one per forward costs nothing and gr
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from dist_subspace import simplex
+from dist_subspace import attention, simplex
 from dist_subspace.arch import arch_spec, input_position_ids, prefix_geometry, sliding_window
 
 
@@ -129,7 +130,8 @@ class PrefixSubspaceModel(nn.Module):
     """Frozen backbone + trainable :class:`PrefixSimplex`; ``forward`` returns class logits ``[B, C]``.
 
     Decoders (``label_token_ids`` given) classify with the LM's next-token logits of each label word at
-    the last position (use left padding). Encoders (``num_outputs`` given) mean-pool the last hidden
+    each example's last real token (right padding, as the Collator gives, lets decoder attention run without a
+    mask; left padding works too, through a mask). Encoders (``num_outputs`` given) mean-pool the last hidden
     states and apply a simplex head; its alpha is row L of an ``[B, L + 1, K]`` alpha.
     """
 
@@ -157,6 +159,7 @@ class PrefixSubspaceModel(nn.Module):
             if isinstance(module, GradientCheckpointingLayer):
                 module._can_checkpoint_with_cache = True
         self.backbone = backbone
+        attention.enable(backbone)  # prefix-aware SDPA: causal fast path, grouped key/value heads (attention.py)
         self.config = config
         self.prefix_length = prefix_length
         g = self.geometry
@@ -286,8 +289,11 @@ class PrefixSubspaceModel(nn.Module):
             inputs = dict(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
+        if self.config._attn_implementation == attention.PREFIX_ATTENTION:
+            inputs["prefix_length"] = self.prefix_length if self.use_prefix else 0  # keys no window hides
         if self.spec.kind == "decoder":
-            out = self.backbone(**inputs, logits_to_keep=1)
+            with _last_real_token_only(self.backbone.base_model, attention_mask):
+                out = self.backbone(**inputs, logits_to_keep=1)
             return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -305,6 +311,25 @@ class PrefixSubspaceModel(nn.Module):
         self.backbone(input_ids=token_ids, attention_mask=mask, cache=cache, use_cache=True)
         layers = [torch.stack([layer.keys, layer.values], dim=1) for layer in cache.layers]  # L x [N, 2, H, P, D]
         return torch.stack(layers, dim=1).float()
+
+
+@contextmanager
+def _last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
+    """While open, ``decoder``'s last hidden states ``[B, S, H]`` are cut to ``[B, 1, H]``: each example's last real
+    token (``attention_mask`` ``[B, S]``), left or right padded. The LM head (and any final logit transform of the
+    family) then runs on B rows, inside the backbone's own forward, hooks included (ZeRO-3 gathers there)."""
+    positions = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # [B] last 1 of each row
+
+    def cut(module: nn.Module, args, output):
+        hidden = output.last_hidden_state  # [B, S, H]
+        output.last_hidden_state = hidden[torch.arange(len(hidden), device=hidden.device), positions].unsqueeze(1)
+        return output
+
+    handle = decoder.register_forward_hook(cut)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def initial_head(num_vertices: int, hidden_size: int, num_outputs: int, seed: int) -> dict[str, torch.Tensor]:
