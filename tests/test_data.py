@@ -233,3 +233,21 @@ def test_encoder_pairs_carry_segment_ids():
     batch = Collator(tokenizer, TASKS["rte"], decoder=False)([(0, example)])
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]  # [CLS] a b [SEP] | c d e [SEP]
     assert "token_type_ids" not in Collator(tokenizer, TASKS["rte"], decoder=True)([(0, example)])
+
+
+def test_decoders_pad_on_the_right_and_truncate_on_the_left():
+    """Right padding: attention needs no mask; left truncation: the prompt's end (the answer position) stays."""
+    from transformers import AutoTokenizer
+
+    from dist_subspace.embedded import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    short, long = (
+        {"text": "fine", "label": 0, "id": 0},
+        {"text": "a rather long and winding review", "label": 1, "id": 1},
+    )
+    batch = Collator(tokenizer, TASKS["rotten_tomatoes"], decoder=True)([(0, short), (1, long)])
+    mask = batch["attention_mask"]
+    assert mask[1].all() and mask[0, 0] == 1 and mask[0, -1] == 0  # the short prompt is padded after its end
+    clipped = Collator(tokenizer, TASKS["rotten_tomatoes"], decoder=True, max_length=4)([(1, long)])
+    assert tokenizer.decode(clipped["input_ids"][0]).endswith("Sentiment:")
