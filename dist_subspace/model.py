@@ -292,7 +292,7 @@ class PrefixSubspaceModel(nn.Module):
         if self.config._attn_implementation == attention.PREFIX_ATTENTION:
             inputs["prefix_length"] = self.prefix_length if self.use_prefix else 0  # keys no window hides
         if self.spec.kind == "decoder":
-            with _last_real_token_only(self.backbone.base_model, attention_mask):
+            with last_real_token_only(self.backbone.base_model, attention_mask):
                 out = self.backbone(**inputs, logits_to_keep=1)
             return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
         if token_type_ids is not None:
@@ -314,7 +314,7 @@ class PrefixSubspaceModel(nn.Module):
 
 
 @contextmanager
-def _last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
+def last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
     """While open, ``decoder``'s last hidden states ``[B, S, H]`` are cut to ``[B, 1, H]``: each example's last real
     token (``attention_mask`` ``[B, S]``), left or right padded. The LM head (and any final logit transform of the
     family) then runs on B rows, inside the backbone's own forward, hooks included (ZeRO-3 gathers there)."""

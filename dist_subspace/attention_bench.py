@@ -1,0 +1,360 @@
+"""What the prefix attention path buys: ``python -m dist_subspace.attention_bench [--lengths 64,256,1024]``.
+
+Prints one JSON object. For each input length, one training step of each *side*, timed interleaved (every round
+runs every side once, in a rotating order; median over rounds), so the ratios hold on a loaded machine:
+
+- ``limit``: the frozen backbone with no prefix, gradients only to the input embeddings (what any prefix method
+  costs at least: a full forward and backward through the frozen model);
+- ``prefix``: this project's K-vertex training step (sample alpha, mix, forward, backward, AdamW) on ``prefix_sdpa``;
+- ``default``: the same step on transformers' SDPA (explicit mask, repeated key/value heads);
+- ``peft``: PEFT prefix tuning (K = 1, same P), as users run it (transformers' SDPA, ``logits_to_keep=1``).
+
+Memory: bytes held for backward per step (every tensor autograd saves, parameters excluded), and on a GPU the
+peak allocated. :func:`gpu_report` (``--gpu``) adds which SDPA kernel runs with a prefix, on a Llama-shaped bf16
+model with 8 key/value heads; it runs on CPU too, with tiny shapes (tests/test_attention_bench.py).
+
+The speed bench adds these sides with ``sides.update(attention_sides(backbone, input_ids, attention_mask, words))``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dist_subspace import attention
+from dist_subspace.model import PrefixSubspaceModel, initial_vertices, last_real_token_only
+
+Step = Callable[[], None]
+
+
+@dataclass
+class Side:
+    """One way of running a training step: ``prepare`` (switch the attention implementation; untimed) then
+    ``step``. Calling the side does both."""
+
+    prepare: Step
+    step: Step
+
+    def __call__(self) -> None:
+        self.prepare()
+        self.step()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def attention_sides(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    label_token_ids: Sequence[int],
+    prefix_length: int = 8,
+    num_vertices: int = 3,
+    peft: bool = True,
+) -> dict[str, Side]:
+    """One training step per side (see the module docstring) on ``input_ids``/``attention_mask`` ``[B, S]`` for a
+    causal LM ``backbone``; each side sets the attention implementation it needs, so sides may alternate."""
+    device = input_ids.device
+    batch = len(input_ids)
+    labels = torch.arange(batch, device=device) % len(label_token_ids)
+    index = torch.arange(batch, device=device)
+    step_tensor = torch.zeros((), dtype=torch.long, device=device)
+    words = torch.tensor(list(label_token_ids), device=device)
+
+    model = PrefixSubspaceModel(backbone, num_vertices, prefix_length, label_token_ids=label_token_ids)
+    model.place(device)
+    model.simplex.vertices.data.copy_(initial_vertices(model, "normal", seed=0))
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+
+    def subspace_step() -> None:
+        alpha = model.sample_alpha(step_tensor, index)
+        loss = F.cross_entropy(model(input_ids, attention_mask, alpha), labels)
+        (loss + model.regulariser()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def enable() -> None:
+        attention.enable(backbone)
+
+    def disable() -> None:
+        attention.disable(backbone)
+
+    embeddings = backbone.get_input_embeddings()
+
+    def limit() -> None:  # no prefix: transformers' SDPA runs is_causal, its fast path
+        embeds = embeddings(input_ids).detach().requires_grad_()  # [B, S, H]
+        with last_real_token_only(backbone.base_model, attention_mask):  # the LM head on B rows, as ours
+            out = backbone(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        F.cross_entropy(out.logits[:, -1, words].float(), labels).backward()
+
+    sides = {
+        "limit": Side(disable, limit),
+        "prefix": Side(enable, subspace_step),
+        "default": Side(disable, subspace_step),
+    }
+    if peft:
+        from peft import PrefixTuningConfig, get_peft_model
+
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=prefix_length)
+        peft_model = get_peft_model(backbone, config)
+        peft_model.to(device)
+        peft_optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+
+        def peft_step() -> None:
+            out = peft_model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1)
+            F.cross_entropy(out.logits[:, -1, words].float(), labels).backward()
+            peft_optimizer.step()
+            peft_optimizer.zero_grad(set_to_none=True)
+
+        sides["peft"] = Side(disable, peft_step)
+    return sides
+
+
+def interleaved_seconds(sides: dict[str, Side], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Every side's step time per round (``prepare`` untimed); round r starts at side r mod n, so no side always
+    runs first or after the same one."""
+    names = list(sides)
+    for _ in range(warmup):
+        for name in names:
+            sides[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            sides[name].prepare()
+            _sync()
+            start = time.perf_counter()
+            sides[name].step()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ratios(times: dict[str, list[float]], pairs: Sequence[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """``a_over_b`` for each pair: the ratio of the median times, and the median of the per-round ratios (a side
+    and its reference ran back to back in each round, so load that drifts over the run cancels out)."""
+    out: dict[str, dict[str, float]] = {"of_medians": {}, "paired": {}}
+    for a, b in pairs:
+        if a in times and b in times:
+            key = f"{a}_over_{b}"
+            out["of_medians"][key] = statistics.median(times[a]) / statistics.median(times[b])
+            out["paired"][key] = statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+    return out
+
+
+def saved_for_backward_bytes(step: Step, exclude: Sequence[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd saves for backward during ``step`` (``exclude``: parameters,
+    resident anyway): the activation memory a training step holds at its peak."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return sum(seen.values())
+
+
+def _paths(step: Step) -> dict[str, int]:
+    attention.attention_paths.clear()
+    step()
+    return dict(attention.attention_paths)
+
+
+def compare_steps(
+    backbone: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    label_token_ids: Sequence[int],
+    rounds: int = 10,
+    prefix_length: int = 8,
+    peft: bool = True,
+) -> dict:
+    """Median step seconds per side, their ratios, bytes saved for backward, and the attention paths taken."""
+    sides = attention_sides(backbone, input_ids, attention_mask, label_token_ids, prefix_length, peft=peft)
+    params = [*backbone.parameters()]
+    saved = {name: saved_for_backward_bytes(step, params) for name, step in sides.items()}
+    paths = {name: _paths(sides[name]) for name in ("prefix", "default")}
+    times = interleaved_seconds(sides, rounds)
+    pairs = [(name, "limit") for name in sides if name != "limit"] + [("prefix", "default"), ("prefix", "peft")]
+    return {
+        "batch": len(input_ids),
+        "seq_len": input_ids.shape[1],
+        "prefix_length": prefix_length,
+        "rounds": rounds,
+        "step_s": {name: statistics.median(t) for name, t in times.items()},
+        "step_s_all": times,
+        "ratios": ratios(times, pairs),
+        "saved_for_backward_mib": {k: v / 2**20 for k, v in saved.items()},
+        "prefix_saved_over_default": saved["prefix"] / saved["default"],
+        "attention_paths": paths,
+    }
+
+
+def random_batch(vocab: int, batch: int, length: int, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpadded random tokens ``[B, S]`` (ids 10..vocab-1, clear of special tokens) and an all-ones mask."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(10, vocab, (batch, length), generator=gen).to(device)
+    return ids, torch.ones_like(ids)
+
+
+# ---- GPU -----------------------------------------------------------------------------------------
+LLAMA_SHAPE = dict(
+    hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000
+)
+SDPA_OPS = {  # profiler op name fragments -> SDPA backend
+    "flash": "flash",
+    "efficient": "efficient",
+    "cudnn": "cudnn",
+    "_math": "math",
+}
+
+
+def _kernels(step: Step) -> list[str]:
+    """The SDPA backends whose ops ran during ``step`` (from the profiler's op names)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step()
+    names = {e.name for e in prof.events() if "attention" in e.name or "flash" in e.name}
+    return sorted({backend for fragment, backend in SDPA_OPS.items() for n in names if fragment in n})
+
+
+def _allowed_backends(step: Step) -> list[str]:
+    """The SDPA backends the step still runs under when restricted to each one alone (``sdpa_kernel``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    ok = []
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+        try:
+            with sdpa_kernel([backend]):
+                step()
+            ok.append(backend.name.lower())
+        except RuntimeError:
+            pass
+    return ok
+
+
+def gpu_report(
+    lengths: Sequence[int] = (512, 2048, 8192),
+    num_layers: int = 2,
+    batch: int = 1,
+    rounds: int = 10,
+    prefix_length: int = 16,
+    shape: dict | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+) -> dict:
+    """On a Llama-shaped model (random weights, ``num_layers`` layers, 8 key/value heads by default): per length,
+    which SDPA backend runs with a prefix (profiled, and which backends accept the step alone), step time and peak
+    memory of ``prefix``, ``default`` and the no-prefix ``limit``, and the prefix path's equality with the default
+    path (logits and vertex gradients). Runs anywhere; the figures that matter need a GPU."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    config = LlamaConfig(**(shape or LLAMA_SHAPE), num_hidden_layers=num_layers, max_position_embeddings=2**14)
+    backbone = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    words = [11, 12]
+    report: dict = {"device": str(device), "dtype": str(dtype), "layers": num_layers, "lengths": {}}
+    if device.type == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(device)
+    for length in lengths:
+        ids, mask = random_batch(config.vocab_size, batch, length, device)
+        sides = attention_sides(backbone, ids, mask, words, prefix_length, peft=False)
+        row: dict = {
+            "kernels": {name: _kernels(step) for name, step in sides.items()},
+            "prefix_runs_alone_on": _allowed_backends(sides["prefix"]),
+            "attention_paths": _paths(sides["prefix"]),
+            "equality": _equality(backbone, ids, mask, words, prefix_length),
+        }
+        peak = {}
+        for name, step in sides.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                step()
+                peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
+        times = interleaved_seconds(sides, rounds)
+        row["step_s"] = {name: statistics.median(t) for name, t in times.items()}
+        row["ratios"] = ratios(times, [("prefix", "limit"), ("default", "limit"), ("prefix", "default")])
+        if peak:
+            row["peak_mib"] = peak
+        row["saved_for_backward_mib"] = {
+            n: saved_for_backward_bytes(s, [*backbone.parameters()]) / 2**20 for n, s in sides.items()
+        }
+        report["lengths"][str(length)] = row
+    return report
+
+
+def _equality(backbone, ids, mask, words, prefix_length: int) -> dict:
+    """Max differences between the prefix path and the default path: logits and vertex gradients (relative)."""
+    model = PrefixSubspaceModel(backbone, 3, prefix_length, label_token_ids=words).place(ids.device)
+    model.simplex.vertices.data.copy_(initial_vertices(model, "normal", seed=1))
+    alpha = model.sample_alpha(torch.tensor(0, device=ids.device), torch.arange(len(ids), device=ids.device))
+    out = {}
+    for name, switch in (("prefix", attention.enable), ("default", attention.disable)):
+        switch(backbone)
+        model.simplex.vertices.grad = None
+        logits = model(ids, mask, alpha)
+        logits.square().sum().backward()
+        out[name] = (logits.detach().float(), model.simplex.vertices.grad.clone())
+    (a, ga), (b, gb) = out["prefix"], out["default"]
+    return {
+        "logits_max_abs": (a - b).abs().max().item(),
+        "grad_max_rel": ((ga - gb).abs().max() / gb.abs().max().clamp(min=1e-30)).item(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_subspace.attention_bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="embedded name, folder or hub id (CPU sides)")
+    parser.add_argument("--lengths", default="64,256,1024", help="input lengths (tokens per example)")
+    parser.add_argument("--batches", default="8,4,1", help="batch size per length")
+    parser.add_argument("--prefix-length", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--no-peft", action="store_true")
+    parser.add_argument("--gpu", action="store_true", help="the GPU report instead (Llama-shaped bf16 model)")
+    parser.add_argument("--gpu-layers", type=int, default=2)
+    args = parser.parse_args(argv)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.gpu:
+        print(json.dumps(gpu_report(lengths, args.gpu_layers, rounds=args.rounds)))
+        return 0
+    from transformers import AutoModelForCausalLM
+
+    from dist_subspace.embedded import resolve_model
+
+    batches = [int(x) for x in args.batches.split(",")]
+    if len(batches) != len(lengths):
+        parser.error(f"--batches gives {len(batches)} sizes for {len(lengths)} lengths")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backbone = AutoModelForCausalLM.from_pretrained(resolve_model(args.model)).to(device).eval()
+    for p in backbone.parameters():
+        p.requires_grad_(False)
+    result: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads(), "lengths": {}}
+    for length, batch in zip(lengths, batches, strict=True):
+        ids, mask = random_batch(backbone.config.vocab_size, batch, length, device)
+        row = compare_steps(backbone, ids, mask, [11, 12], args.rounds, args.prefix_length, peft=not args.no_peft)
+        result["lengths"][str(length)] = row
+        print(json.dumps({"progress": length, **row["ratios"]["paired"]}), file=sys.stderr, flush=True)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
