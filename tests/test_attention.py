@@ -277,3 +277,25 @@ def test_only_sdpa_backbones_switch_and_disable_switches_back():
     assert attention.enable(sdpa) and sdpa.config._attn_implementation == attention.PREFIX_ATTENTION
     attention.disable(sdpa)
     assert sdpa.config._attn_implementation == "sdpa"
+
+
+# ---- ZeRO-3 --------------------------------------------------------------------------------------
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_zero3_with_checkpointing_runs_the_prefix_path_and_equals_the_default_path(small_assets, tmp_path):
+    """2 processes, backbone partitioned, gradient checkpointing: each rank's right- and left-padded batch."""
+    import json
+
+    from tests.test_distributed import launch, torchrun
+
+    model_dir, data = small_assets
+    launch(torchrun("tests.zero3_attention_check", str(model_dir), str(data), str(tmp_path)))
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert result["world_size"] == 2 and result["partitioned"] and result["padded"], result
+        calls = 2 * result["layers"]  # forward and the checkpointed recompute
+        expected = {"right": "causal: one [S, P+S] mask for the batch", "left": "causal: [B, 1, S, P+S] mask"}
+        for padding, path in expected.items():
+            row = result[padding]
+            assert row["paths"] == {path: calls} and row["default_paths"] == {}, row
+            assert row["logits_max_abs"] < 1e-5 and row["grad_max_rel"] < 1e-4, row
