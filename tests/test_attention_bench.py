@@ -2,7 +2,7 @@
 
 import torch
 
-from dist_subspace.attention_bench import compare_steps, gpu_report, random_batch
+from dist_subspace.attention_bench import compare_padding, compare_steps, gpu_report, random_batch
 from tests.conftest import tiny_backbone
 
 
@@ -11,7 +11,7 @@ def test_compare_steps_times_every_side_and_the_prefix_path_saves_less():
     ids, mask = random_batch(128, 2, 12, "cpu")
     out = compare_steps(backbone, ids, mask, [5, 6], rounds=2, prefix_length=4)
     assert set(out["step_s"]) == {"limit", "prefix", "default", "peft"}
-    assert all(len(t) == 2 for t in out["step_s_all"].values())
+    assert all(len(t) == 2 for t in out["step_s_all"]["cpu"].values()) and out["clock"] == "cpu"
     assert {"prefix_over_limit", "prefix_over_default", "prefix_over_peft"} <= out["ratios"]["paired"].keys()
     # the default path also saves the repeated key/value heads and a [B, 1, S, P+S] mask
     assert out["prefix_saved_over_default"] < 1
@@ -30,3 +30,17 @@ def test_gpu_report_runs_on_cpu_with_tiny_shapes():
         assert "flash_attention" in row["prefix_runs_alone_on"]
         assert row["equality"]["logits_max_abs"] < 1e-4 and row["equality"]["grad_max_rel"] < 1e-4
         assert set(row["step_s"]) == {"limit", "prefix", "default"}
+
+
+def test_compare_padding_runs_right_padding_without_a_mask_and_left_padding_with_one():
+    backbone = tiny_backbone("llama")
+    ids, mask = random_batch(128, 3, 10, "cpu")
+    mask[1, 6:] = mask[2, 3:] = 0  # right-padded rows
+    out = compare_padding(backbone, ids * mask, mask, [5, 6], rounds=2, prefix_length=4)
+    assert set(out["step_s"]) == {"limit", "before", "prefix_left", "prefix_right"}
+    assert out["real_tokens"] == 10 + 6 + 3
+    assert out["attention_paths"] == {
+        "prefix_left": {"causal: [B, 1, S, P+S] mask": 2},
+        "prefix_right": {"causal: one [S, P+S] mask for the batch": 2},
+    }
+    assert "prefix_right_over_before" in out["ratios"]["paired"]
