@@ -39,10 +39,11 @@ from transformers.masking_utils import (
 from transformers.utils.generic import is_tracing
 
 PREFIX_ATTENTION = "prefix_sdpa"
-# On CPU, SDPA's causal flag skips the key blocks above the diagonal, which pays for P padded query rows once
-# queries are this many (measured: 0.86-1.07x the no-prefix attention cost from 384 to 1,024 queries, against
-# 1.05-1.50x with a [S, P+S] mask); below, the small shared mask is cheaper (1.08-1.17x against 1.17-1.37x).
-CPU_SQUARE_MIN_QUERIES = 384
+# torch's CPU flash kernel splits keys in blocks of this many; with is_causal it skips the blocks above the diagonal,
+# which pays for P padded query rows once there is more than one block. Measured (P = 16, attention forward and
+# backward, 9/3 heads, CPU time over the no-prefix is_causal): up to 512 keys one [S, P+S] mask costs 1.05-1.23x
+# and the square 1.10-1.68x; beyond, the square 1.03-1.06x and the mask 1.10-1.45x.
+CPU_KEY_BLOCK = 512
 
 logger = logging.getLogger(__name__)
 attention_paths: Counter[str] = Counter()  # path name -> calls, over this process (reset it to measure)
@@ -139,9 +140,9 @@ def _causal_without_mask(query, key, value, sdpa, dropout: float, gqa: bool) -> 
 
     - P = 0: SDPA's ``is_causal``, the no-prefix fast path;
     - CUDA flash available: a ``causal_lower_right`` bias, which SDPA hands to flash attention natively;
-    - otherwise, long inputs: the query padded with P zero rows in front, so queries and keys are equally
+    - otherwise (CPU: beyond one key block): the query padded with P zero rows in front, so queries and keys are equally
       many and ``is_causal`` (upper-left aligned) is exactly the lower-right pattern; the P rows are dropped;
-    - short inputs on CPU: one ``[S, P+S]`` mask shared by the batch and the heads.
+    - CPU, up to one key block: one ``[S, P+S]`` mask shared by the batch and the heads (cheaper there).
     """
     q_len, kv_len = query.shape[2], key.shape[2]
     if q_len == kv_len:
@@ -150,7 +151,7 @@ def _causal_without_mask(query, key, value, sdpa, dropout: float, gqa: bool) -> 
         return sdpa(query, key, value), "causal, one query: no mask"
     if _flash_takes(query, key, value, dropout, gqa):
         return sdpa(query, key, value, attn_mask=causal_lower_right(q_len, kv_len)), "causal: lower-right bias (flash)"
-    if query.device.type != "cpu" or q_len >= CPU_SQUARE_MIN_QUERIES:
+    if query.device.type != "cpu" or kv_len > CPU_KEY_BLOCK:
         pad = kv_len - q_len
         out = sdpa(F.pad(query, (0, 0, pad, 0)), key, value, is_causal=True)[:, :, pad:]
         return out, "causal: query padded to a square, is_causal"

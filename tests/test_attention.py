@@ -87,8 +87,8 @@ def test_a_mask_only_where_padding_needs_one(family, padding):
 
 
 def test_long_inputs_run_causal_attention_with_no_mask_at_all(monkeypatch):
-    """From CPU_SQUARE_MIN_QUERIES queries on, the query is padded to a square and SDPA runs is_causal."""
-    monkeypatch.setattr(attention, "CPU_SQUARE_MIN_QUERIES", 1)
+    """Beyond one key block of the CPU kernel, the query is padded to a square and SDPA runs is_causal."""
+    monkeypatch.setattr(attention, "CPU_KEY_BLOCK", 1)
     for family in DECODER_CONFIGS:
         ours, theirs = default_twin(family)
         for padding in ("none", "right"):

@@ -21,8 +21,8 @@ def test_compare_steps_times_every_side_and_the_prefix_path_saves_less():
 
 def test_gpu_report_runs_on_cpu_with_tiny_shapes():
     shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=8, num_key_value_heads=2, vocab_size=128)
-    report = gpu_report(lengths=(16, 400), num_layers=1, rounds=2, prefix_length=4, shape=shape, dtype=torch.float32)
-    short, long = report["lengths"]["16"], report["lengths"]["400"]
+    report = gpu_report(lengths=(16, 520), num_layers=1, rounds=2, prefix_length=4, shape=shape, dtype=torch.float32)
+    short, long = report["lengths"]["16"], report["lengths"]["520"]
     assert short["attention_paths"] == {"causal: one [S, P+S] mask for the batch": 1}
     assert long["attention_paths"] == {"causal: query padded to a square, is_causal": 1}
     for row in (short, long):
