@@ -348,7 +348,8 @@ def gpu_report(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     config = LlamaConfig(**(shape or LLAMA_SHAPE), num_hidden_layers=num_layers, max_position_embeddings=2**14)
-    backbone = AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    with device:  # built where it runs: no host copy of the weights
+        backbone = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     words = [11, 12]
     report: dict = {"device": str(device), "dtype": str(dtype), "layers": num_layers, "lengths": {}}
     if device.type == "cuda":
@@ -400,7 +401,9 @@ def _equality(backbone, ids, mask, words, prefix_length: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.attention_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="embedded name, folder or hub id (CPU sides)")
-    parser.add_argument("--lengths", default="64,256,1024", help="input lengths (tokens per example)")
+    parser.add_argument(
+        "--lengths", help="input lengths (tokens per example); 64,256,1024, or 512,2048,8192 with --gpu"
+    )
     parser.add_argument("--batches", default="8,4,1", help="batch size per length")
     parser.add_argument("--prefix-length", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=10)
@@ -411,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu", action="store_true", help="the GPU report instead (Llama-shaped bf16 model)")
     parser.add_argument("--gpu-layers", type=int, default=2)
     args = parser.parse_args(argv)
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in (args.lengths or ("512,2048,8192" if args.gpu else "64,256,1024")).split(",")]
     if args.gpu:
         print(json.dumps(gpu_report(lengths, args.gpu_layers, rounds=args.rounds)))
         return 0
