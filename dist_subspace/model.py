@@ -40,8 +40,10 @@ class _PrefixLayer(DynamicLayer):
 
 
 def prefix_cache(prefix: torch.Tensor) -> Cache:
-    """A transformers cache holding ``prefix`` ``[B, L, 2, H_kv, P, D]`` (key and value per layer)."""
-    return Cache(layers=[_PrefixLayer(prefix[:, i, 0], prefix[:, i, 1]) for i in range(prefix.shape[1])])
+    """A transformers cache holding ``prefix`` ``[B, L, 2, H_kv, P, D]`` (key and value per layer). Unbound, not
+    indexed: the backward of ``prefix[:, i, 0]`` writes a full-size zero gradient per layer, L^2 work (55 ms of a
+    SmolLM2 step at batch 8 on CPU, against 3 ms for unbind's one stack)."""
+    return Cache(layers=[_PrefixLayer(*layer.unbind(1)) for layer in prefix.unbind(1)])
 
 
 def prefix_attention_mask(
