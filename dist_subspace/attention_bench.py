@@ -409,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument(
-        "--padding", action="store_true", help="what right padding buys, on a real padded batch (Rotten Tomatoes)"
+        "--padding",
+        action="store_true",
+        help="what right padding buys: on a real padded batch (Rotten Tomatoes), or synthetic ones with --lengths",
     )
     parser.add_argument("--gpu", action="store_true", help="the GPU report instead (Llama-shaped bf16 model)")
     parser.add_argument("--gpu-layers", type=int, default=2)
@@ -428,6 +430,16 @@ def main(argv: list[str] | None = None) -> int:
     for p in backbone.parameters():
         p.requires_grad_(False)
     result: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
+    if args.padding and args.lengths:  # synthetic: row i of B keeps S - i * S / 2B tokens, right-padded
+        result["padding"] = {}
+        for length, batch in zip(lengths, [int(x) for x in args.batches.split(",")], strict=False):
+            ids, mask = random_batch(backbone.config.vocab_size, batch, length, device)
+            for i in range(batch):
+                mask[i, length - i * length // (2 * batch) :] = 0
+            row = compare_padding(backbone, ids * mask, mask, [11, 12], args.rounds, args.prefix_length)
+            result["padding"][str(length)] = row
+        print(json.dumps(result))
+        return 0
     if args.padding:
         from transformers import AutoTokenizer
 
