@@ -11,8 +11,9 @@ part is causal), and SDPA groups heads itself (``enable_gqa``). This module regi
   query never sees the pads that follow it), and for encoders no padding; a left-padded decoder batch gets
   transformers' own causal + padding mask, an encoder batch a ``[B, 1, 1, P+S]`` key-padding mask;
 - the attention function runs the causal pattern without a mask where the kernel allows it (see
-  :func:`_causal_without_mask`), never repeats key/value heads, and keeps the prefix visible to sliding-window
-  layers whatever the window (the window applies to input tokens only).
+  :func:`_causal_without_mask`), never repeats key/value heads, and, where it runs without a mask, keeps the
+  prefix visible to sliding-window layers whatever the window (the window applies to input tokens only; a
+  given mask is used as it is: :func:`dist_subspace.model.prefix_attention_mask` builds prefix-visible ones).
 
 Every path taken is counted in :data:`attention_paths` and logged once (``logging``, INFO). Use it through
 :func:`enable`, which :class:`~dist_subspace.model.PrefixSubspaceModel` calls on its backbone.
@@ -101,9 +102,8 @@ def prefix_sdpa_mask(
         # A plain causal (or sliding-window causal) request, queries aligned to the last keys.
         if padding is None or _right_padded(padding, q_offset):
             return None
-        # Pads before real tokens: causal + padding. No window here: the attention function applies it,
-        # keeping the prefix visible.
-        return sdpa_mask(**{**args, "mask_function": causal_mask_function, "local_size": None})
+        # Pads before real tokens: transformers' own mask (causal, its window, padding).
+        return sdpa_mask(**args)
     if allow_is_bidirectional_skip and mask_function is bidirectional_mask_function:
         if padding is None or bool(padding.all()):
             return None
@@ -175,39 +175,30 @@ def prefix_sdpa_attention(
     """transformers' attention hook for ``prefix_sdpa``: query ``[B, H, S, D]``, key/value ``[B, H_kv, P+S, D]``
     (the prefix first), the mask from :func:`prefix_sdpa_mask` -> output ``[B, S, H, D]``, no weights.
 
-    ``prefix_length`` (forwarded by the caller) marks the keys a sliding window never hides; the window comes from
-    the layer (``sliding_window``, or the module's attribute for families that do not pass it).
+    Without a mask, ``prefix_length`` (forwarded by the caller; 0: transformers' rule) marks the keys a sliding
+    window never hides; the window comes from the layer (``sliding_window``, or the module's attribute for
+    families that do not pass it).
     """
     for name in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(name) is not None:
             raise ValueError(f"{PREFIX_ATTENTION} does not support {name}; load the model with eager attention")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    window = sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)
+    window = (sliding_window if sliding_window is not None else getattr(module, "sliding_window", None)) or None
     q_len, kv_len = query.shape[2], key.shape[2]
     gqa = query.shape[1] != key.shape[1]  # grouped key/value heads: SDPA groups them, nothing is repeated
     sdpa = partial(F.scaled_dot_product_attention, dropout_p=dropout, scale=scaling, enable_gqa=gqa)
     window_bites = causal and window is not None and kv_len - prefix_length > window
-    if attention_mask is None and not window_bites:
-        if causal:
-            out, path = _causal_without_mask(query, key, value, sdpa, dropout, gqa)
-        else:
-            out, path = sdpa(query, key, value), "bidirectional: no mask"
-    else:
-        # A mask from prefix_sdpa_mask (or transformers') already holds causality and padding; only a window
-        # that bites is added here, as a band that spares the prefix.
-        mask = attention_mask
-        if window_bites:
-            band = visible_keys(q_len, kv_len, prefix_length, window, query.device)  # [S, P+S]
-            if mask is None:
-                mask = band
-            elif mask.dtype == torch.bool:
-                mask = mask & band
-            else:  # an additive mask a caller built
-                mask = mask.masked_fill(~band, torch.finfo(query.dtype).min)
-        out = sdpa(query, key, value, attn_mask=mask)
+    if attention_mask is not None:  # causality, padding and any window are in it (model.prefix_attention_mask)
+        out = sdpa(query, key, value, attn_mask=attention_mask)
         kind = "causal" if causal else "bidirectional"
-        shape = "[S, P+S]" if attention_mask is None else "[B, 1, 1, P+S]" if mask.shape[-2] == 1 else "[B, 1, S, P+S]"
-        path = f"{kind}{', sliding window' if window_bites else ''}: {shape} mask"
+        path = f"{kind}: {'[B, 1, 1, P+S]' if attention_mask.shape[-2] == 1 else '[B, 1, S, P+S]'} mask"
+    elif not causal:
+        out, path = sdpa(query, key, value), "bidirectional: no mask"
+    elif window_bites:
+        band = visible_keys(q_len, kv_len, prefix_length, window, query.device)  # [S, P+S]
+        out, path = sdpa(query, key, value, attn_mask=band), "causal, sliding window: one [S, P+S] mask for the batch"
+    else:
+        out, path = _causal_without_mask(query, key, value, sdpa, dropout, gqa)
     _took(path)
     return out.transpose(1, 2).contiguous(), None
 

@@ -47,7 +47,13 @@ def prefix_cache(prefix: torch.Tensor) -> Cache:
 
 
 def prefix_attention_mask(
-    config, mask: torch.Tensor, cache: Cache, query_length: int, prefix_length: int, dtype: torch.dtype
+    config,
+    mask: torch.Tensor,
+    cache: Cache,
+    query_length: int,
+    prefix_length: int,
+    dtype: torch.dtype,
+    forwards_prefix_length: bool = False,
 ) -> torch.Tensor | dict[str, torch.Tensor]:
     """The attention mask for a forward over a cache whose first ``prefix_length`` positions are the prefix.
 
@@ -55,10 +61,16 @@ def prefix_attention_mask(
     layers: their mask would hide the prefix from every query more than a window past it. Then transformers'
     own masks (in the format of the configured attention), with the P prefix keys visible to every query: one
     4D mask, or a dict by layer type for models with ``layer_types`` (Gemma 2/3, Qwen2 with a window).
+    ``forwards_prefix_length``: the caller hands ``prefix_length`` to ``prefix_sdpa``, which keeps the prefix
+    visible itself when it runs without a mask: then a batch with no pad before a real token keeps its 2D mask.
     """
     window = sliding_window(config)
     if window is None:
         return mask
+    if forwards_prefix_length and config._attn_implementation == attention.PREFIX_ATTENTION:
+        new = mask[:, prefix_length:]
+        if bool((new[:, 1:] <= new[:, :-1]).all()):  # right-padded or unpadded: no mask needed (attention.py)
+            return mask
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     if "flash" in config._attn_implementation and mask.shape[1] > window:
@@ -281,7 +293,7 @@ class PrefixSubspaceModel(nn.Module):
             p, seq, dtype = self.prefix_length, input_ids.shape[1], self.compute_dtype
             inputs = dict(
                 input_ids=input_ids,
-                attention_mask=prefix_attention_mask(self.config, full, cache, seq, p, dtype),
+                attention_mask=prefix_attention_mask(self.config, full, cache, seq, p, dtype, True),
                 position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
                 cache=cache,
                 use_cache=False,
@@ -292,7 +304,7 @@ class PrefixSubspaceModel(nn.Module):
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
         if self.config._attn_implementation == attention.PREFIX_ATTENTION:
-            inputs["prefix_length"] = self.prefix_length if self.use_prefix else 0  # keys no window hides
+            inputs["prefix_length"] = self.prefix_length if self.use_prefix else 0  # see prefix_attention_mask
         if self.spec.kind == "decoder":
             with last_real_token_only(self.backbone.base_model, attention_mask):
                 out = self.backbone(**inputs, logits_to_keep=1)

@@ -9,10 +9,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from dist_subspace import attention, simplex
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
-from tests.conftest import _COMMON, DECODER_CONFIGS, ENCODER_CONFIGS
+from tests.conftest import _COMMON, DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 from tests.test_model import P, make, random_alpha
 
-FAMILIES = [*DECODER_CONFIGS, *ENCODER_CONFIGS]
+# Every family whose backbone runs transformers' SDPA switches to prefix_sdpa (Gemma 2 runs eager: softcapping).
+FAMILIES = [f for f in (*DECODER_CONFIGS, *ENCODER_CONFIGS) if tiny_backbone(f).config._attn_implementation == "sdpa"]
 S = 7
 # Rows of every padding kind; row 0 is never padded, so the batch is as long as its longest example.
 PADDING = {
@@ -20,14 +21,26 @@ PADDING = {
     "right": [[1] * S, [1] * 5 + [0] * 2, [1] * 2 + [0] * 5],
     "left": [[1] * S, [0] * 2 + [1] * 5, [0] * 5 + [1] * 2],
 }
+LONG = WINDOW + 4  # past the window of the sliding-window families (Gemma 3, Phi-3)
+
+
+def padded(kind: str, length: int) -> list[list[int]]:
+    """Three rows of ``length``: full, two real tokens short, ``length - 2`` short, padded on ``kind``'s side."""
+    rows = []
+    for real in (length, length - 2, 2):
+        pads = [0] * (length - real)
+        rows.append({"none": [1] * length, "right": [1] * real + pads, "left": pads + [1] * real}[kind])
+    return rows
+
+
 # fp32: both paths reorder the same sums (one ulp of noise); bf16: the default path sums the grouped heads'
 # key/value gradients in bf16 after repeat_kv, SDPA inside its kernel, so gradients differ at bf16's epsilon.
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
 
-def batch_with(padding: str, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def batch_with(padding: str, seed: int = 1, length: int = S) -> tuple[torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    mask = torch.tensor(PADDING[padding])
+    mask = torch.tensor(PADDING[padding] if length == S else padded(padding, length))
     return torch.randint(3, 128, mask.shape) * mask, mask  # pads are token 0
 
 
@@ -62,7 +75,8 @@ def default_twin(family: str, dtype=torch.float32, **kw) -> tuple[PrefixSubspace
 @pytest.mark.parametrize("family", FAMILIES)
 def test_equals_the_default_path_forward_and_gradients(family, padding, dtype):
     ours, theirs = default_twin(family, dtype)
-    ids, mask = batch_with(padding)
+    windowed = getattr(ours.config, "sliding_window", None) and ours.spec.kind == "decoder"
+    ids, mask = batch_with(padding, length=LONG if windowed else S)  # the window bites past the prefix
     got, want = run(ours, ids, mask), run(theirs, ids, mask)
     assert got.keys() == want.keys() and want["vertices"].abs().sum() > 0
     for name in want:
@@ -89,7 +103,7 @@ def test_a_mask_only_where_padding_needs_one(family, padding):
 def test_long_inputs_run_causal_attention_with_no_mask_at_all(monkeypatch):
     """Beyond one key block of the CPU kernel, the query is padded to a square and SDPA runs is_causal."""
     monkeypatch.setattr(attention, "CPU_KEY_BLOCK", 1)
-    for family in DECODER_CONFIGS:
+    for family in [f for f in FAMILIES if f in DECODER_CONFIGS]:
         ours, theirs = default_twin(family)
         for padding in ("none", "right"):
             ids, mask = batch_with(padding)
@@ -178,9 +192,12 @@ def windowed(family: str, window: int, seed: int = 0) -> PrefixSubspaceModel:
     return model
 
 
-def reference_logits(model: PrefixSubspaceModel, ids, mask, alpha, window: int | None) -> torch.Tensor:
-    """transformers' SDPA given a hand-built 4D mask: the prefix visible to every query, the input causal and,
-    within the window, seen by index distance (transformers' rule), pads hidden."""
+def reference_logits(
+    model: PrefixSubspaceModel, ids, mask, alpha, window: int | None, prefix_visible: bool = True
+) -> torch.Tensor:
+    """transformers' SDPA given a hand-built 4D mask: the prefix visible to every query (or, ``prefix_visible``
+    False, only within the window like any key), the input causal and, within the window, seen by index distance
+    (transformers' rule), pads hidden."""
     attention.disable(model.backbone)
     b, s = ids.shape
     i = torch.arange(s)[:, None]
@@ -189,7 +206,10 @@ def reference_logits(model: PrefixSubspaceModel, ids, mask, alpha, window: int |
 
     def mask4d(window: int | None) -> torch.Tensor:  # [B, 1, S, P+S]
         seen = (j <= i) & ((i - j < window) if window else True)  # [S, S]
-        return torch.cat([torch.ones(s, P, dtype=torch.bool), seen], 1)[None, None] & keys[:, None, None, :]
+        prefix = torch.ones(s, P, dtype=torch.bool)
+        if window and not prefix_visible:
+            prefix = torch.arange(P)[None, :] > i + P - window  # key k of the prefix sits at position k
+        return torch.cat([prefix, seen], 1)[None, None] & keys[:, None, None, :]
 
     masks = mask4d(window)
     if model.config.model_type == "qwen2":  # per layer type
@@ -217,11 +237,13 @@ def test_sliding_windows_never_hide_the_prefix(family, padding):
     alpha = random_alpha(model, 3)
     attention.attention_paths.clear()
     got = model(ids, mask, alpha)
-    assert any("sliding window" in p for p in attention.attention_paths)
+    # no pad before a real token: no mask but the window's band; else model.prefix_attention_mask's masks
+    expected = "causal: [B, 1, S, P+S] mask" if padding == "left" else "causal, sliding window"
+    assert any(p.startswith(expected) for p in attention.attention_paths), dict(attention.attention_paths)
     torch.testing.assert_close(got, reference_logits(model, ids, mask, alpha, window), atol=1e-5, rtol=1e-4)
-    # transformers' own sliding window hides the prefix from the later queries: a different model
-    attention.disable(model.backbone)
-    assert not torch.allclose(model(ids, mask, alpha), got, atol=1e-3)
+    # transformers' own window (absolute indices) would hide the prefix from the later queries
+    hiding = reference_logits(model, ids, mask, alpha, window, prefix_visible=False)
+    assert not torch.allclose(hiding, got, atol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])
