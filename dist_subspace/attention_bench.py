@@ -426,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_model(args.model)
-    backbone = AutoModelForCausalLM.from_pretrained(path).to(device).eval()
+    backbone = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).to(device).eval()  # no pickles
     for p in backbone.parameters():
         p.requires_grad_(False)
     result: dict = {"model": args.model, "device": str(device), "threads": torch.get_num_threads()}
