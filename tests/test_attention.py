@@ -314,6 +314,7 @@ def test_zero3_with_checkpointing_runs_the_prefix_path_and_equals_the_default_pa
     launch(torchrun("tests.zero3_attention_check", str(model_dir), str(data), str(tmp_path)))
     for rank in (0, 1):
         result = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        print(f"rank {rank}:", result)  # the differences, for pytest -s
         assert result["world_size"] == 2 and result["partitioned"] and result["padded"], result
         calls = 2 * result["layers"]  # forward and the checkpointed recompute
         expected = {"right": "causal: one [S, P+S] mask for the batch", "left": "causal: [B, 1, S, P+S] mask"}
