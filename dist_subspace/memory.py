@@ -9,8 +9,10 @@ What a rank holds during a training step (bytes; c = bytes of the compute dtype,
   what ZeRO-3 may keep gathered) plus its prefetch bucket, whichever is larger;
 - activations kept for backward (the gradient reaches every layer's prefix, so backward runs through the whole
   frozen model). The saved tensors of a layer, found with ``torch.autograd.graph.saved_tensors_hooks`` and
-  checked exactly on small shapes: each norm's fp32 input, q, k and v repeated to all heads over T keys, the
-  attention output and log-sum-exp, the [B, S, T] mask, the MLP's gate, activation and up (3 x I), or for a
+  checked exactly on small shapes: each norm's fp32 input, q, k and v with their H_kv heads over T keys (the
+  prefix attention path never repeats them, see attention.py), the attention output and log-sum-exp, one [S, T]
+  mask shared by the batch (none on CUDA flash, which this then overestimates; beyond 512 keys, CPU or no flash:
+  no mask, q, output and log-sum-exp over T rows), the MLP's gate, activation and up (3 x I), or for a
   mixture of experts the same per routed (token, expert) pair. The frozen linear layers keep nothing (their
   weight is not trained). With gradient checkpointing: each layer's input, plus one layer recomputed;
 - the mixed prefix ``[B, L, 2, H_kv, P, D]`` (fp32, its compute-dtype copy, their gradients);
@@ -26,6 +28,8 @@ layer: exactly the backbone shard plus the gathered largest module here. :func:`
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+
+CPU_KEY_BLOCK = 512  # = attention.CPU_KEY_BLOCK (this module imports no framework; tests/test_attention.py checks)
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -201,9 +205,9 @@ def layer_activation_bytes(m: ModelShape, index: int, batch: int, seq: int, pref
         total += n * heads * d * c + (2 - first) * batch * keys * heads * d * c
         upcast = 0 if c == 4 else 4  # the softmax runs in fp32 and keeps its output before the cast back
         total += batch * heads * seq * keys * ((1 + m.softcap) * c + upcast)
-    else:  # SDPA: q, output, log-sum-exp (fp32), k and v (a view, not a copy, with one key/value head), the mask
-        kv_heads = 1 if m.num_kv_heads == 1 else heads
-        total += 2 * n * heads * d * c + n * heads * 4 + 2 * batch * keys * kv_heads * d * c + batch * seq * keys * c
+    else:  # prefix_sdpa: q, output, log-sum-exp (fp32) over S rows and one shared [S, T] mask, or over T rows
+        rows, mask = (keys, 0) if keys > CPU_KEY_BLOCK else (seq, seq * keys * c)  # (query padded to a square)
+        total += batch * rows * heads * (2 * d * c + 4) + 2 * batch * keys * m.num_kv_heads * d * c + mask
     if m.qk_norm and not first:
         total += n * (heads + m.num_kv_heads) * (4 * d + 4)
     if first and m.parallel_residual:
@@ -229,7 +233,8 @@ def saved_activation_bytes(m: ModelShape, batch: int, seq: int, prefix: int, c: 
         kept += 2 * batch * seq * m.rotary_dims * c if m.num_layers > 1 else 0  # cos and sin, shared by the layers
     final_norm = n * (c * (m.hidden_size + 2) if m.norm_bias else 4 * m.hidden_size + 4)
     softcap = batch * m.vocab_size * c if m.final_softcap else 0  # of the last position's logits
-    return kept + final_norm + (4 * m.hidden_size if m.unit_offset_norm else 0) + softcap
+    gather = 2 * batch * 8  # the rows and positions of each example's last real token (int64)
+    return kept + final_norm + (4 * m.hidden_size if m.unit_offset_norm else 0) + softcap + gather
 
 
 def activation_bytes(m: ModelShape, batch: int, seq: int, prefix: int, c: int, checkpointing: bool) -> int:

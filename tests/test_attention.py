@@ -287,6 +287,12 @@ def test_gradient_checkpointing_on_the_prefix_path_equals_the_default_path(famil
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_the_planner_counts_the_same_cpu_key_block():
+    from dist_subspace import memory
+
+    assert memory.CPU_KEY_BLOCK == attention.CPU_KEY_BLOCK
+
+
 # ---- which backbones switch ----------------------------------------------------------------------
 def test_only_sdpa_backbones_switch_and_disable_switches_back():
     eager = AutoModelForCausalLM.from_config(LlamaConfig(**_COMMON, num_key_value_heads=2), attn_implementation="eager")
