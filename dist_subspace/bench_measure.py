@@ -3,6 +3,7 @@ timing, peak memory in fresh processes, the sampler + mixer share and compile pr
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
@@ -77,12 +78,17 @@ def _proc_status_bytes(key: str) -> int:
     raise OSError(f"no {key} in /proc/self/status")
 
 
-def side_memory(side: Side, device: torch.device, steps: int = 3) -> dict:
-    """Peak memory over ``steps`` training steps of a side that has just been built (call it in a fresh process).
+def side_memory(side: Side, device: torch.device, steps: int = 2) -> dict:
+    """Memory of a side that has just been built (call it in a fresh process): one step first, then the peak over
+    ``steps`` more. ``peak_bytes``: all of it (weights, runtime, trained parameters, optimizer state, activations);
+    ``step_bytes``: what a step adds on top of what stays between steps (``before_steps_bytes``).
 
     GPU: ``torch.cuda.max_memory_allocated``. CPU: the resident set's high-water mark (``VmHWM``), reset just
-    before the steps (``/proc/self/clear_refs``), so loading and imports do not count in ``step_bytes``.
+    before the steps (``/proc/self/clear_refs``); the first step also makes every weight resident (safetensors
+    are mapped lazily), and the C allocator first hands freed memory back (``malloc_trim``), so that memory freed
+    after the first step does not hide in the baseline, to be reused by the steps unseen.
     """
+    side.step()  # optimizer state is made; every weight is touched
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
@@ -93,6 +99,7 @@ def side_memory(side: Side, device: torch.device, steps: int = 3) -> dict:
         synchronize(device)
         peak, kind = torch.cuda.max_memory_allocated(device), "cuda_max_memory_allocated"
     else:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc (Linux, as /proc is)
         before = _proc_status_bytes("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the high-water mark to the current resident set
