@@ -1,15 +1,16 @@
 """1 process against 2 processes with ZeRO-3 over gloo, through the trainer: ``python -m dist_subspace.bench
 --distributed [--model M] [--steps N] [--keep DIR]``.
 
-Three runs of ``python -m dist_subspace.train``, the same recipe (Rotten Tomatoes, 16 training examples, global
+Four runs of ``python -m dist_subspace.train``, the same recipe (Rotten Tomatoes, 16 training examples, global
 batch 8, N optimizer steps):
 
-- ``single``: 1 process, the backbone replicated, micro-batch 4 x accumulation 2;
+- ``single``: 1 process, the backbone replicated, micro-batch 4 x accumulation 2; ``single_short``: N/2 steps;
 - ``zero3``: 2 processes under torchrun with ``ds_configs/zero3_bf16.json`` and DeepSpeed's comms logger on,
   micro-batch 4 on each rank; each rank writes the logger's records when training ends
   (:func:`train_recording_comms`);
-- ``zero3_short``: the same with N/2 steps. Set-up and evaluation are the same in both ZeRO-3 runs, so the
-  difference of their logged collectives, over the difference of their steps, is what a training step moves.
+- ``zero3_short``: the same with N/2 steps. Set-up and evaluation are the same in a run and its short twin, so
+  the difference of their logged collectives (and of their CPU seconds, all processes together), over the
+  difference of their steps, is what a training step moves (and costs, whatever else loads the machine).
 
 Reports each rank's frozen bytes (``ranks/rank-R.json``), the step time (``metrics.jsonl``, logged every step,
 the first step left out), the bytes per step by collective, and whether both ranks and both runs end with the
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -60,15 +62,20 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _run(command: list[str], timeout: int = 1800) -> float:
-    """Run a trainer command from the repository root; its wall seconds."""
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)  # every finished child, and the children they waited for
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(command: list[str], timeout: int = 1800) -> tuple[float, float]:
+    """Run a trainer command from the repository root; (wall seconds, CPU seconds of all its processes)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.setdefault("OMP_NUM_THREADS", "1")
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu_s()
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[:6])} ... failed: {(result.stdout + result.stderr)[-3000:]}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, _children_cpu_s() - cpu
 
 
 def _overrides(model: str, out: Path, steps: int, *extra: str) -> list[str]:
@@ -91,7 +98,7 @@ def _overrides(model: str, out: Path, steps: int, *extra: str) -> list[str]:
     ]
 
 
-def _run_facts(out: Path, steps: int, wall_s: float) -> dict:
+def _run_facts(out: Path, steps: int, wall_s: float, cpu_s: float) -> dict:
     """What a finished run folder says: frozen bytes per rank, step time, the simplex hash per rank."""
     ranks = sorted((out / "ranks").glob("rank-*.json"))
     facts = [json.loads(p.read_text()) for p in ranks]
@@ -108,12 +115,13 @@ def _run_facts(out: Path, steps: int, wall_s: float) -> dict:
         "step_s_each": [8 / r for r in rates],
         "ranks_same_simplex": len({f["simplex_sha256"] for f in facts}) == 1,
         "wall_s": wall_s,
+        "cpu_s": cpu_s,
         "steps": steps,
     }
 
 
 def distributed_facts(model: str = "smollm2-135m", steps: int = 8, keep: str | None = None) -> dict:
-    """The three runs (see the module docstring) and what they show; one JSON-ready dict."""
+    """The four runs (see the module docstring) and what they show; one JSON-ready dict."""
     if model_config(model) is not None:
         raise ValueError(f"--distributed trains with the trainer, which loads models: {model!r} is only a config")
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="bench-distributed-"))
@@ -128,6 +136,7 @@ def distributed_facts(model: str = "smollm2-135m", steps: int = 8, keep: str | N
     zero3 = f"engine.deepspeed={ds_path}"
     runs = {
         "single": ([python, "-m", "dist_subspace.train"], steps, ["train.grad_accum=2"]),
+        "single_short": ([python, "-m", "dist_subspace.train"], short, ["train.grad_accum=2"]),
         "zero3": ([*torchrun, str(_free_port()), *recorded, str(root / "zero3")], steps, [zero3]),
         "zero3_short": ([*torchrun, str(_free_port()), *recorded, str(root / "zero3_short")], short, [zero3]),
     }
@@ -147,19 +156,27 @@ def distributed_facts(model: str = "smollm2-135m", steps: int = 8, keep: str | N
     for name, (command, n, extra) in runs.items():
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        result["runs"][name] = _run_facts(out, n, _run([*command, *_overrides(model, out, n, *extra)]))
+        result["runs"][name] = _run_facts(out, n, *_run([*command, *_overrides(model, out, n, *extra)]))
+    # A run and its short twin share set-up and evaluation: their difference is what the extra steps cost.
+    runs_, extra_steps = result["runs"], steps - short
+    cpu = {name: (runs_[name]["cpu_s"] - runs_[f"{name}_short"]["cpu_s"]) / extra_steps for name in ("single", "zero3")}
     per_step = {}
     for rank in (0, 1):
         long, brief = (json.loads((root / r / f"comms-rank-{rank}.json").read_text()) for r in ("zero3", "zero3_short"))
         for op in sorted(set(long) | set(brief)):
             a, b = long.get(op, {"calls": 0, "bytes": 0}), brief.get(op, {"calls": 0, "bytes": 0})
-            per_step.setdefault(op, []).append({k: (a[k] - b[k]) / (steps - short) for k in ("calls", "bytes")})
+            per_step.setdefault(op, []).append({k: (a[k] - b[k]) / extra_steps for k in ("calls", "bytes")})
     single = load_file(str(root / "single" / "checkpoints" / f"step-{steps}" / "simplex.safetensors"))
     zero3 = load_file(str(root / "zero3" / "checkpoints" / f"step-{steps}" / "simplex.safetensors"))
     diff = max((single[k] - zero3[k]).abs().max().item() for k in single)
     simplex_bytes = sum(t.numel() * 4 for t in single.values())
     gathered = [row["bytes"] for row in per_step.get("all_gather_into_tensor", [])]
-    result["zero3_over_single_step_s"] = result["runs"]["zero3"]["step_s"] / result["runs"]["single"]["step_s"]
+    result["step"] = {
+        "wall_s": {name: runs_[name]["step_s"] for name in ("single", "zero3")},
+        "zero3_over_single_wall": runs_["zero3"]["step_s"] / runs_["single"]["step_s"],
+        "cpu_s_all_processes": cpu,  # CPU seconds per step, both ranks together: load on the machine aside
+        "zero3_over_single_cpu": cpu["zero3"] / cpu["single"],
+    }
     result["bytes_per_step"] = {
         "deepspeed_collectives": per_step,  # op -> [rank 0, rank 1]: calls and message bytes per step
         "all_gather_received_per_rank": gathered,  # message = the rank's shard; each rank receives the other's
@@ -189,7 +206,12 @@ def format_distributed(result: dict) -> str:
             f"{name:<7} world {r['world_size']}: frozen bytes per rank / total = {fractions}; "
             f"step {r['step_s']:.3f} s (median); run {r['wall_s']:.0f} s"
         )
-    lines.append(f"zero3 / single step time: {result['zero3_over_single_step_s']:.3f}")
+    step = result["step"]
+    lines.append(
+        f"zero3 / single step: wall {step['zero3_over_single_wall']:.3f}; CPU seconds per step (all processes) "
+        f"{step['cpu_s_all_processes']['single']:.2f} -> {step['cpu_s_all_processes']['zero3']:.2f} "
+        f"({step['zero3_over_single_cpu']:.3f})"
+    )
     for op, ranks in moved["deepspeed_collectives"].items():
         cells = ", ".join(
             f"rank {r}: {x['calls']:.0f} calls, {x['bytes'] / 2**20:.1f} MiB" for r, x in enumerate(ranks)
