@@ -184,12 +184,14 @@ def distributed_facts(model: str = "smollm2-135m", steps: int = 8, keep: str | N
         "frozen_bytes": result["runs"]["zero3"]["frozen_bytes"],
     }
     scale = max(t.abs().max().item() for t in single.values())
-    result["same_simplex"] = {  # the two runs sum the same gradients in another order: fp32 rounding apart
+    # The two runs sum the same gradients in another order (accumulation vs all-reduce): fp32 rounding apart,
+    # which AdamW's normalisation lifts for the elements whose gradients are tiny (up to lr per step).
+    result["same_simplex"] = {
         "ranks_identical": result["runs"]["zero3"]["ranks_same_simplex"],
         "max_abs_diff_single_vs_zero3": diff,
         "max_abs_value": scale,
         "relative": diff / scale,
-        "same": diff <= 1e-5 * scale,
+        "same": diff <= 1e-4 * scale,
     }
     result["run_folders"] = str(root) if keep else None
     return result

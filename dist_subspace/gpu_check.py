@@ -173,14 +173,15 @@ def _median(fn, repeats: int = 50) -> float:
 
 
 def _section(into: dict, key: str, fn, save) -> None:
-    """``into[key] = fn()`` (or the error it raised, with its traceback's end), then ``save()`` the JSON file."""
+    """``into[key] = fn()`` (or the error it raised, with its traceback's end) and its ``seconds``; then ``save()``
+    the JSON file."""
     start = time.perf_counter()
     try:
         into[key] = fn()
     except Exception as err:  # keep the other sections: one JSON file is the deliverable
         error = f"{type(err).__name__}: {err}".strip().splitlines()[0]
         into[key] = {"error": error, "traceback": traceback.format_exc()[-1500:]}
-    into.setdefault("section_seconds", {})[key] = time.perf_counter() - start
+    into[key]["seconds"] = time.perf_counter() - start
     save()
 
 
