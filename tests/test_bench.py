@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from dist_subspace import bench
-from dist_subspace.bench_measure import interleaved_times, ratios
+from dist_subspace.bench_measure import interleaved_times, median_ci, ratios
 from dist_subspace.bench_sides import SIDES, BenchSpec, build_workload, model_config, step_flops
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +43,8 @@ def test_bench_prints_one_json_object_with_every_field():
     for table in ("time_ratios", "wall_time_ratios"):
         assert set(result[table]) == {"over_limit", "over_peft", "over_k1"}
         for ref, row in result[table].items():
-            assert row[ref.removeprefix("over_")] == {"paired": 1.0, "median": 1.0, "min": 1.0}
+            ones = {"paired": 1.0, "paired_ci95": [1.0, 1.0], "median": 1.0, "min": 1.0}
+            assert row[ref.removeprefix("over_")] == ones
             assert set(row) == set(sides) and all(r["paired"] > 0 for r in row.values())
     assert set(result["memory_ratios"]) == {"over_limit", "over_peft"}
     assert result["memory_ratios"]["over_peft"]["peft"] == {"peak_bytes": 1.0, "step_bytes": 1.0}
@@ -103,7 +104,13 @@ def test_rounds_alternate_their_order_and_ratios_pair_rounds():
     assert calls == list("abccbaabccba")  # warm-up round first, then alternating
     assert all(len(t) == 3 for clock in times.values() for t in clock.values())
     got = ratios({"x": [2.0, 4.0, 9.0], "ref": [1.0, 1.0, 3.0]}, "ref")["x"]
-    assert got == {"paired": 3.0, "median": 4.0, "min": 2.0}
+    assert got == {"paired": 3.0, "paired_ci95": [2.0, 4.0], "median": 4.0, "min": 2.0}  # 3 rounds: the range
+
+
+def test_median_confidence_interval_uses_binomial_order_statistics():
+    values = [float(v) for v in range(1, 21)]  # n = 20: P(Binomial(20, 1/2) <= 5) = 0.021, <= 6: 0.058
+    assert median_ci(values) == (6.0, 15.0)
+    assert median_ci([5.0, 1.0, 3.0]) == (1.0, 5.0)
 
 
 def test_step_flops_count_the_prefix_in_attention_only():
