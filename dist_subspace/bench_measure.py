@@ -287,6 +287,8 @@ def measure(spec: BenchSpec, workload: Workload | None = None, progress: Callabl
     result["sampler_mixer"] = mixing
     del built
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # hand the cached activations back: the fresh processes need the GPU's memory
     if spec.memory:
         # Fresh processes two at a time on CPU (each its own RSS; nothing is timed meanwhile); one at a time on a
         # GPU, whose memory they would share.
