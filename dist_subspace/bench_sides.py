@@ -15,6 +15,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,9 @@ from torch import nn
 
 from dist_subspace.arch import prefix_geometry
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,7 +123,7 @@ class Workload:
         return self.input_ids.device
 
 
-def model_config(name: str):
+def model_config(name: str) -> PretrainedConfig | None:
     """A transformers config when ``name`` names one (a key of :data:`MODEL_CONFIGS`, ``config:{...json...}`` or
     ``config:path.json``), else None (``name`` is then a model to load)."""
     if name in MODEL_CONFIGS:
@@ -282,7 +286,7 @@ SIDES: dict[str, Callable[[Workload], Side]] = {
 }
 
 
-def step_flops(config, batch: int, seq_len: int, prefix_length: int) -> int:
+def step_flops(config: PretrainedConfig, batch: int, seq_len: int, prefix_length: int) -> int:
     """Model FLOPs of one step over a frozen decoder: forward, plus a backward that computes input gradients
     only (no weight gradients: 1x the forward for the linear layers, 2x for attention's two products).
     Attention counts the full ``S x (P + S)`` score matrix (no causal halving, as PaLM's MFU does)."""
