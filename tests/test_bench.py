@@ -77,7 +77,8 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
         assert "mfu" in side and side["memory"]["peak_bytes"] > 0
     for side in ("limit", "peft", "k3"):
         assert result["sdpa"][side]["backends"], result["sdpa"]  # the profiler saw an attention kernel
-    assert result["host_syncs"] == result["cuda_graph"] == {"skipped": "no CUDA device (dry run)"}
+    for section in ("host_syncs", "cuda_graph"):
+        assert result[section]["skipped"] == "no CUDA device (dry run)" and result[section]["seconds"] >= 0
     assert result["compile"]["compiled"]["fullgraph"]
     assert result["modules_not_needed_but_imported"] == []  # no deepspeed, no datasets on this path
 
