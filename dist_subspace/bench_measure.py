@@ -159,7 +159,7 @@ def sampler_mixer(
     g = prefix_geometry(w.backbone.config)
     dtype = next(w.backbone.parameters()).dtype
     shape = (num_vertices, g.num_layers, 2, g.num_kv_heads, w.prefix_length, g.head_dim)
-    vertices = torch.randn(shape, device=w.device, generator=None).requires_grad_()
+    vertices = torch.randn(shape, device=w.device).requires_grad_()
     step = torch.zeros((), dtype=torch.long, device=w.device)
 
     def forward(sampler=simplex.sample_alpha, mixer=simplex.mix_prefix) -> tuple[torch.Tensor, torch.Tensor]:
@@ -229,9 +229,16 @@ def targets(result: dict) -> list[dict]:
 
 
 def environment(device: torch.device) -> dict:
+    """Versions (PEFT's read without importing it), threads, and the GPU's name."""
+    from importlib import metadata
+
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__, "threads": torch.get_num_threads()}
+    try:
+        env["peft"] = metadata.version("peft")
+    except metadata.PackageNotFoundError:
+        env["peft"] = None
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
