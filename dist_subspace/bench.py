@@ -1,113 +1,131 @@
-"""Side-by-side measurements on one machine, in one process: ``python -m dist_subspace.bench [--model M]``.
+"""Speed and memory side by side: ``python -m dist_subspace.bench [--sides limit,peft,k1,k3,k6] [--table]``.
 
-Prints one JSON object:
-- ``sampling_mixing_share``: the share of a training step (forward + backward + AdamW) spent sampling alpha
-  and mixing the prefix (forward and backward of the einsum), the rest being the frozen backbone.
-- ``k3_over_k1_step``: step time of a K = 3 subspace over ordinary prefix tuning (K = 1), same batch.
-- ``compiled_over_eager_sampling_mixing``: with ``--compile``, torch.compile(fullgraph=True) of sampler + mixer.
-Median of ``--repeats`` timed runs after ``--warmup`` untimed ones.
+Every side trains on the same frozen model, batch, sequence length, prefix length P, dtype and loss (the
+verbalizer's cross-entropy at the last position); their steps are timed interleaved, round by round:
+
+- ``limit``: the least work a prefix method can do: frozen forward + backward down to the input embeddings;
+- ``peft``: PEFT ``PrefixTuning`` (CAUSAL_LM) with the same P, AdamW on its prefix;
+- ``k1``, ``k3``, ``k6``: this project with K = 1, 3, 6 (``example_layer`` sampling, regulariser on).
+
+Prints one JSON object (``--table``: a readable table): each side's median and minimum step time, tokens/s,
+its time over ``limit``, ``peft`` and ``k1``, its peak memory measured in a fresh process, the sampler + mixer
+share of a K = 3 step, the proof that both compile with ``fullgraph=True``, and the issue's targets.
+
+``--distributed``: 1 process against 2 processes with ZeRO-3 over gloo, through the trainer (see
+:mod:`dist_subspace.bench_distributed`).
+
+    python -m dist_subspace.bench --seq-len 256 --table
+    python -m dist_subspace.bench --model llama-1b --dtype bfloat16 --device cuda --seq-len 2048
+    python -m dist_subspace.bench --model 'config:{"num_hidden_layers": 4, "hidden_size": 256, ...}'
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from typing import NoReturn
 
-import torch
-import torch.nn.functional as F
-
-from dist_subspace import simplex
-from dist_subspace.data import Collator, label_token_ids, load_splits
-from dist_subspace.embedded import resolve_model
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.bench_sides import MODEL_CONFIGS, SIDES, BenchSpec
 
 
-def _median_seconds(fn, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise ValueError(f"{flag} must be >= {least} (got {value})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="python -m dist_subspace.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sides", default="limit,peft,k1,k3,k6", help=f"comma-separated, from {', '.join(SIDES)}")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help=f"embedded alias, folder or hub id; or built from a config: {', '.join(MODEL_CONFIGS)}, "
+        "config:{json} or config:file.json",
+    )
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row (fixed length, cut from real text)")
+    p.add_argument("--prefix-length", type=int, default=16, help="P")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step of every side each)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "off"], help="backend for the proof")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"], help="auto: cpu time on 1 CPU thread")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
+    p.add_argument("--distributed", action="store_true", help="1 process vs 2 processes ZeRO-3 through the trainer")
+    p.add_argument("--steps", type=int, default=8, help="--distributed: optimizer steps per run")
+    p.add_argument("--keep", default=None, help="--distributed: keep the run folders under this folder")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the fresh process of one side
+    return p.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    """Check the flags (a ``ValueError`` that says how to fix one) and make the spec."""
+    sides = tuple(s.strip() for s in args.sides.split(",") if s.strip())
+    unknown = [s for s in sides if s not in SIDES]
+    if not sides or unknown or len(set(sides)) != len(sides):
+        raise ValueError(f"--sides {args.sides!r}: give distinct names from {', '.join(SIDES)}")
+    _positive("--batch", args.batch)
+    _positive("--seq-len", args.seq_len, 2)
+    _positive("--prefix-length", args.prefix_length)
+    _positive("--rounds", args.rounds)
+    _positive("--warmup", args.warmup, 0)
+    _positive("--steps", args.steps, 3)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    return BenchSpec(
+        model=args.model,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        prefix_length=args.prefix_length,
+        dtype=args.dtype,
+        device=args.device,
+        sides=sides,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        compile=args.compile,
+        memory=not args.no_memory,
+        clock=args.clock,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_subspace.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--prefix-length", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    args = parse_args(argv)
+    from dist_subspace.cli import user_error
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    path = resolve_model(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    backbone = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype), use_safetensors=True)
-    backbone = backbone.to(device).eval()
-    splits = load_splits("rotten_tomatoes", shots_per_class=args.batch // 2, seed=0, test_size=100)
-    batch = Collator(tokenizer, splits.task, decoder=True)(list(enumerate(splits.train)))
-    batch = {k: v.to(device) for k, v in batch.items()}
-    words = label_token_ids(tokenizer, splits.task.label_words)
-    step = torch.zeros((), dtype=torch.long, device=device)
-    result: dict = {
-        "model": args.model,
-        "device": str(device),
-        "dtype": args.dtype,
-        "batch": len(batch["index"]),
-        "seq_len": batch["input_ids"].shape[1],
-        "prefix_length": args.prefix_length,
-    }
+    try:
+        spec = spec_from_args(args)
+        if args.memory_of is not None:
+            from dist_subspace.bench_measure import side_memory
+            from dist_subspace.bench_sides import build_workload
 
-    def make(k: int) -> tuple[PrefixSubspaceModel, torch.optim.Optimizer]:
-        model = PrefixSubspaceModel(backbone, k, args.prefix_length, label_token_ids=words)
-        model.place(device)
-        init = initial_vertices(model, exclude_token_ids=tokenizer.all_special_ids, vocab_size=len(tokenizer))
-        model.simplex.vertices.data.copy_(init)
-        return model, torch.optim.AdamW(model.trainable_parameters(), lr=1e-3)
+            workload = build_workload(spec)
+            print(json.dumps(side_memory(SIDES[args.memory_of](workload), spec.torch_device())))
+            return 0
+        if args.distributed:
+            from dist_subspace.bench_distributed import distributed_facts, format_distributed
 
-    def train_step(model, opt) -> None:
-        alpha = model.sample_alpha(step, batch["index"])
-        loss = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"], alpha), batch["labels"])
-        (loss + model.regulariser()).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            result = distributed_facts(spec.model, args.steps, args.keep)
+            print(format_distributed(result) if args.table else json.dumps(result))
+            return 0
+        from dist_subspace.bench_measure import format_table, measure
 
-    k3, opt3 = make(3)
-    k1, opt1 = make(1)
-    t3 = _median_seconds(lambda: train_step(k3, opt3), args.warmup, args.repeats)
-    t1 = _median_seconds(lambda: train_step(k1, opt1), args.warmup, args.repeats)
-    rows = k3.alpha_rows
-
-    def sample_and_mix(sampler=simplex.sample_alpha, mixer=simplex.mix_prefix):
-        alpha = sampler(0, step, batch["index"], 3, rows, "example_layer")
-        return mixer(k3.simplex.vertices, alpha)
-
-    grad = torch.randn_like(sample_and_mix())
-
-    def mixing_fwd_bwd(**kw) -> None:
-        sample_and_mix(**kw).backward(grad)
-        k3.simplex.vertices.grad = None
-
-    t_mix = _median_seconds(mixing_fwd_bwd, args.warmup, args.repeats * 4)
-    result.update(
-        step_s_k3=t3, step_s_k1=t1, sampling_mixing_s=t_mix, sampling_mixing_share=t_mix / t3, k3_over_k1_step=t3 / t1
-    )
-    if args.compile:
-        sampler = torch.compile(simplex.sample_alpha, fullgraph=True, dynamic=False)
-        mixer = torch.compile(simplex.mix_prefix, fullgraph=True, dynamic=False)
-        t_c = _median_seconds(lambda: mixing_fwd_bwd(sampler=sampler, mixer=mixer), args.warmup, args.repeats * 4)
-        result.update(sampling_mixing_compiled_s=t_c, compiled_over_eager_sampling_mixing=t_c / t_mix)
-    print(json.dumps(result))
+        result = measure(spec, progress=lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
+    except (ValueError, OSError) as err:
+        return user_error(err)
+    result["command"] = "python -m dist_subspace.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(result) if args.table else json.dumps(result))
     return 0
 
 
