@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 
 from dist_subspace.arch import arch_spec
+from dist_subspace.batching import Collator, label_token_ids
 from dist_subspace.config import Config, ConfigError
-from dist_subspace.data import Collator, FewShotSplits, label_token_ids, load_splits
+from dist_subspace.data import load_splits
 from dist_subspace.embedded import resolve_model
 from dist_subspace.engine import Engine
 from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
 from dist_subspace.preflight import check_context
 from dist_subspace.simplex import dirichlet_spread
+from dist_subspace.tasks import FewShotSplits
 
 
 def replica_config(cfg: Config, replica: int) -> Config:

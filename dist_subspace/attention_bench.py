@@ -443,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.padding:
         from transformers import AutoTokenizer
 
-        from dist_subspace.data import Collator, label_token_ids, load_splits
+        from dist_subspace.batching import Collator, label_token_ids
+        from dist_subspace.data import load_splits
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         splits = load_splits("rotten_tomatoes", shots_per_class=4, seed=0, test_size=100)

@@ -176,7 +176,8 @@ def build_workload(spec: BenchSpec, backbone: nn.Module | None = None, tokenizer
     if backbone is None:
         backbone, tokenizer = load_backbone(spec.model, spec.torch_dtype(), device)
     if tokenizer is not None:
-        from dist_subspace.data import TASKS, label_token_ids
+        from dist_subspace.batching import label_token_ids
+        from dist_subspace.tasks import TASKS
 
         ids = review_tokens(tokenizer, spec.batch, spec.seq_len)
         words = label_token_ids(tokenizer, TASKS["rotten_tomatoes"].label_words)

@@ -1,4 +1,4 @@
-"""Few-shot tasks: a registry of task specs, loaders, the few-shot protocols, and batching.
+"""Few-shot data: the sources (hub, offline packages, local files) and the few-shot protocols.
 
 An example is a dict ``{"text": str, "text_pair": str | None, "label": int | float, "id": int}``; ``id`` is
 its index in the source split it came from, so a run can record exactly which examples it used.
@@ -17,150 +17,23 @@ import csv
 import dataclasses
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from dist_subspace.embedded import package_dir
-
-Example = dict
-Sources = dict[str, list[Example]]  # source split name -> its examples, in file order
-
-METRICS = ("accuracy", "f1", "matthews", "macro_f1", "pearson", "spearman")
-PROTOCOLS = ("kshot", "first_n")
-SPLITS = ("train", "validation", "validation_matched", "test", "all")  # the keys data.data_files may use
-LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
-# A capped test split is drawn with this fixed seed, not the run's: runs with different seeds score the same examples.
-TEST_SEED = 1234
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task is: labels, metric, and the decoder prompt + verbalizer.
-
-    ``template`` formats ``{text}`` (and ``{text_pair}``); ``label_words`` are the verbalizer's words, one
-    per label, each a single token for the decoder (a leading space is usual for BPE vocabularies).
-    Regression tasks (``label_range=(lo, hi)``) have two label words, the low and the high end (LM-BFF).
-    """
-
-    name: str
-    label_names: tuple[str, ...]
-    label_words: tuple[str, ...]
-    template: str
-    metric: str = "accuracy"
-    regression: bool = False
-    has_pair: bool = False
-    label_range: tuple[float, float] | None = None
-
-    def __post_init__(self) -> None:
-        if len(self.label_words) != len(self.label_names):
-            raise ValueError(
-                f"task {self.name}: {len(self.label_words)} label words for {len(self.label_names)} labels "
-                f"{list(self.label_names)}; give one word per label (data.label_words)"
-            )
-        if self.regression != (self.label_range is not None):
-            raise ValueError(f"task {self.name}: a regression task needs label_range=(lo, hi), and only it has one")
-        if self.metric not in METRICS:
-            raise ValueError(f"task {self.name}: unknown metric {self.metric!r}; choose one of {METRICS}")
-        try:
-            self.template.format(text="", text_pair="")
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"task {self.name}: template {self.template!r} may only use {{text}} and {{text_pair}} "
-                "(write {{ and }} for literal braces)"
-            ) from err
-        if "{text}" not in self.template or (self.has_pair and "{text_pair}" not in self.template):
-            needed = "{text} and {text_pair}" if self.has_pair else "{text}"
-            raise ValueError(f"task {self.name}: template {self.template!r} must contain {needed}")
-
-    @property
-    def head_outputs(self) -> int:
-        """Outputs of an encoder's classification head: 1 for regression, else one per label."""
-        return 1 if self.regression else len(self.label_names)
-
-
-@dataclass
-class FewShotSplits:
-    """The examples a run uses; train, dev and test never overlap."""
-
-    task: TaskSpec
-    train: list[Example]
-    dev: list[Example]
-    test: list[Example]
-    sources: dict[str, str] = field(default_factory=dict)  # split -> the source split its ids index
-
-    def manifest(self) -> dict:
-        """Which examples were used (ids into their source splits), for the run folder."""
-        return {
-            "task": self.task.name,
-            **{
-                name: {"source": self.sources.get(name, ""), "ids": [e["id"] for e in split]}
-                for name, split in (("train", self.train), ("dev", self.dev), ("test", self.test))
-            },
-        }
-
-
-# ---- registry ------------------------------------------------------------------------------------
-_SAME = "{text}\n{text_pair}\nQuestion: Do both sentences mean the same thing? Answer:"
-TASKS: dict[str, TaskSpec] = {
-    # Verbalizers follow LM-BFF (Gao et al., 2021); decoder prompts end where the label word comes next.
-    "sst2": TaskSpec("sst2", ("negative", "positive"), (" terrible", " great"), "{text} It was"),
-    "cola": TaskSpec("cola", ("unacceptable", "acceptable"), (" incorrect", " correct"), "{text} This is", "matthews"),
-    "mrpc": TaskSpec("mrpc", ("not_equivalent", "equivalent"), (" No", " Yes"), _SAME, "f1", has_pair=True),
-    "qqp": TaskSpec(
-        "qqp",
-        ("not_duplicate", "duplicate"),
-        (" No", " Yes"),
-        "{text}\n{text_pair}\nQuestion: Do both questions ask the same thing? Answer:",
-        "f1",
-        has_pair=True,
-    ),
-    "stsb": TaskSpec(
-        "stsb", ("low", "high"), (" No", " Yes"), _SAME, "pearson", regression=True, has_pair=True, label_range=(0, 5)
-    ),
-    "mnli": TaskSpec(
-        "mnli",
-        ("entailment", "neutral", "contradiction"),
-        (" Yes", " Maybe", " No"),
-        "{text}\nQuestion: {text_pair} Yes, No, or Maybe? Answer:",
-        has_pair=True,
-    ),
-    "qnli": TaskSpec(
-        "qnli",
-        ("entailment", "not_entailment"),
-        (" Yes", " No"),
-        "Question: {text}\nSentence: {text_pair}\nDoes the sentence answer the question? Answer:",
-        has_pair=True,
-    ),
-    "rte": TaskSpec(
-        "rte",
-        ("entailment", "not_entailment"),
-        (" Yes", " No"),
-        '{text}\nQuestion: Does this mean that "{text_pair}" is true? Answer:',
-        has_pair=True,
-    ),
-    "rotten_tomatoes": TaskSpec(
-        "rotten_tomatoes", ("negative", "positive"), (" negative", " positive"), "Review: {text}\nSentiment:"
-    ),
-    "reuters_r8": TaskSpec(
-        "reuters_r8",
-        ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
-        (" acquisition", " crude", " earnings", " grain", " interest", " money", " shipping", " trade"),
-        "Article: {text}\nTopic:",
-    ),
-}
-# GLUE tasks as the hub has them: (text column, pair column, the split used as test); the label column is "label".
-GLUE: dict[str, tuple[str, str | None, str]] = {
-    "sst2": ("sentence", None, "validation"),
-    "cola": ("sentence", None, "validation"),
-    "mrpc": ("sentence1", "sentence2", "validation"),
-    "qqp": ("question1", "question2", "validation"),
-    "stsb": ("sentence1", "sentence2", "validation"),
-    "mnli": ("premise", "hypothesis", "validation_matched"),
-    "qnli": ("question", "sentence", "validation"),
-    "rte": ("sentence1", "sentence2", "validation"),
-}
+from dist_subspace.tasks import (
+    GLUE,
+    LOCAL_SUFFIXES,
+    PROTOCOLS,
+    SPLITS,
+    TASKS,
+    TEST_SEED,
+    Example,
+    FewShotSplits,
+    Sources,
+    TaskSpec,
+)
 
 
 # ---- sources -------------------------------------------------------------------------------------
@@ -530,85 +403,3 @@ def load_splits(
             f"{'/'.join(LOCAL_SUFFIXES)}, or any name with data.data_files"
         )
     return _split(spec, sources, protocol, shots_per_class, first_n, dev_size, test_size, seed)
-
-
-# ---- batching ------------------------------------------------------------------------------------
-def label_token_ids(tokenizer, words: Sequence[str]) -> list[int]:
-    """One token id per verbalizer word; a clear error when a word is not a single token."""
-    ids = []
-    for word in words:
-        tokens = tokenizer(word, add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise ValueError(f"label word {word!r} is {len(tokens)} tokens for this tokenizer; choose one-token words")
-        ids.append(tokens[0])
-    return ids
-
-
-class Collator:
-    """Examples -> ``input_ids``/``attention_mask`` ``[B, S]``, ``labels`` ``[B]``, ``index`` ``[B]`` (and
-    ``token_type_ids`` ``[B, S]`` for encoders whose tokenizer gives them).
-
-    Decoders see the task's prompt, right-padded (a causal query never sees the pads after it, so attention needs
-    no mask; the model reads each example's last real token) and truncated on the left (the prompt's end, the
-    answer position, is always kept); encoders see the raw text (pair), right-padded and truncated. ``index`` is
-    the example's position in its split: with the step it seeds the example's alpha.
-    """
-
-    def __init__(self, tokenizer, task: TaskSpec, decoder: bool, max_length: int = 256) -> None:
-        self.tokenizer, self.task, self.decoder, self.max_length = tokenizer, task, decoder, max_length
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token
-
-    def __call__(self, items: Sequence[tuple[int, Example]]) -> dict[str, torch.Tensor]:
-        index = torch.tensor([i for i, _ in items], dtype=torch.long)
-        examples = [e for _, e in items]
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left" if self.decoder else "right"
-        if self.decoder:
-            texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in examples]
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        else:
-            pairs = [e["text_pair"] for e in examples] if self.task.has_pair else None
-            enc = self.tokenizer(
-                [e["text"] for e in examples],
-                pairs,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-        dtype = torch.float32 if self.task.regression else torch.long
-        labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
-        batch = {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "labels": labels,
-            "index": index,
-        }
-        if not self.decoder and "token_type_ids" in enc:  # BERT: segment ids tell a pair's two texts apart
-            batch["token_type_ids"] = enc["token_type_ids"]
-        return batch
-
-    def count_truncated(self, examples: Sequence[Example]) -> int:
-        """How many of ``examples`` are longer than ``max_length`` tokens, so that this collator cuts them."""
-        count = 0
-        for start in range(0, len(examples), 512):
-            chunk = examples[start : start + 512]
-            if self.decoder:
-                texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in chunk]
-                enc = self.tokenizer(texts, verbose=False)
-            else:
-                pairs = [e["text_pair"] for e in chunk] if self.task.has_pair else None
-                enc = self.tokenizer([e["text"] for e in chunk], pairs, verbose=False)
-            count += sum(len(ids) > self.max_length for ids in enc["input_ids"])
-        return count
-
-
-def truncation_report(collator: Collator, splits: dict[str, Sequence[Example]]) -> str:
-    """The truncation policy and how many examples of each split it cuts, for the log."""
-    counts = ", ".join(f"{collator.count_truncated(ex)} of {len(ex)} {name}" for name, ex in splits.items())
-    if collator.decoder:
-        policy = "their last tokens are kept (the prompt's end, where the answer is read)"
-    else:
-        policy = "their first tokens are kept (of a pair, the longer text is cut)"
-    return f"truncation: inputs over model.max_length={collator.max_length} tokens are cut, {policy}: {counts}"

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 
 from dist_subspace import simplex
+from dist_subspace.batching import Collator
 from dist_subspace.config import check_eval_mode
-from dist_subspace.data import Collator, Example, TaskSpec
 from dist_subspace.metrics import compute_metrics, predict
 from dist_subspace.model import PrefixSubspaceModel
+from dist_subspace.tasks import Example, TaskSpec
 
 EVAL_SEED = 0x5EED  # sampled evaluation points are fixed: the same run always scores the same points
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dist_subspace.data import TaskSpec
+from dist_subspace.tasks import TaskSpec
 
 
 def _check(task: TaskSpec, logits: torch.Tensor) -> None:

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 
 from dist_subspace import simplex
 from dist_subspace.assembly import build, initialise, replica_config, replica_dir
+from dist_subspace.batching import truncation_report
 from dist_subspace.checkpoint import (
     apply_checkpoint,
     latest_checkpoint,
@@ -35,7 +36,6 @@ from dist_subspace.checkpoint import (
     simplex_tensors,
 )
 from dist_subspace.config import Config, save_config
-from dist_subspace.data import truncation_report
 from dist_subspace.engine import Engine, parameter_counts
 from dist_subspace.evaluation import evaluate_replicas, write_landscapes
 from dist_subspace.guards import NonFiniteGuard, stop_if_write_fails

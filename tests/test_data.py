@@ -7,7 +7,9 @@ from collections import Counter
 import pytest
 import torch
 
-from dist_subspace.data import GLUE, TASKS, Collator, kshot_indices, load_splits
+from dist_subspace.batching import Collator
+from dist_subspace.data import kshot_indices, load_splits
+from dist_subspace.tasks import GLUE, TASKS
 
 
 def _ids(split):

@@ -5,8 +5,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_subspace import simplex
+from dist_subspace.batching import Collator, label_token_ids
 from dist_subspace.config import load_config
-from dist_subspace.data import Collator, label_token_ids, load_splits
+from dist_subspace.data import load_splits
 from dist_subspace.engine import Engine
 from dist_subspace.evaluation import EVAL_SEED, Query, evaluate, evaluate_replicas, model_outputs
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
 
-from dist_subspace.data import TASKS
 from dist_subspace.metrics import compute_metrics, predict, task_loss
+from dist_subspace.tasks import TASKS
 
 Y_TRUE = [0, 1, 1, 0, 1, 1, 0, 0, 1, 1]
 Y_PRED = [0, 1, 0, 0, 1, 1, 1, 0, 1, 0]

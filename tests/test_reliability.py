@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from dist_subspace import checkpoint, recipe
+from dist_subspace.batching import Collator, truncation_report
 from dist_subspace.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -38,10 +39,10 @@ from dist_subspace.checkpoint import (
     simplex_tensors,
     verify_folder,
 )
-from dist_subspace.data import TASKS, Collator, truncation_report
 from dist_subspace.engine import Engine, auto_dtype, check_ds_config, compute_dtype
 from dist_subspace.evaluate import main as evaluate_main
 from dist_subspace.model import PrefixSubspaceModel
+from dist_subspace.tasks import TASKS
 from dist_subspace.train import main
 from tests.conftest import run_args, tiny_backbone
 from tests.two_nodes import BIN, ROOT, free_port

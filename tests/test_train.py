@@ -67,8 +67,8 @@ def test_peft_export_loads_in_peft_and_matches_our_centroid(finished_run, small_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dist_subspace.batching import label_token_ids
     from dist_subspace.checkpoint import load_simplex_tensors
-    from dist_subspace.data import label_token_ids
     from dist_subspace.model import PrefixSubspaceModel
 
     model_dir, _ = small_assets
