@@ -57,6 +57,8 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     check_context(model_config, cfg.model.max_length, cfg.prefix.length, decoder)
     if cfg.model.adapter == "lora" and engine.partitioned:
         raise ConfigError("model.adapter=lora runs with a replicated backbone: drop ZeRO-3 (engine.deepspeed)")
+    if decoder and cfg.simplex.regularise_head:
+        raise ConfigError("simplex.regularise_head=true needs an encoder's head; a decoder's verbalizer is fixed")
     if decoder and not cfg.simplex.train_prefix and cfg.model.adapter == "prefix":
         raise ConfigError("simplex.train_prefix=false leaves a decoder nothing to train (its verbalizer is fixed)")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)

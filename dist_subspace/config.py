@@ -63,6 +63,7 @@ class SimplexConfig:
     sampling: str = "example_layer"  # batch | example | example_layer
     beta: float = 1.0  # weight of the vertex-separation regulariser
     regulariser: str = "cos2"  # cos2: of the raw vertices; cos2_centred: centred over their P positions
+    regularise_head: bool = False  # encoders: the regulariser also keeps the K heads' weights apart
     replicas: int = 1  # R seed replicas: R independent runs (seeds train.seed + r, data.seed + r), one backbone
     train_prefix: bool = True  # false: the prefix stays at its start and only the head trains (encoders)
     noise: str = "none"  # match: add Gaussian noise to the prefix, per layer as spread as a K-simplex's samples

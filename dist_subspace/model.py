@@ -244,13 +244,17 @@ class PrefixSubspaceModel(nn.Module):
         """Dirichlet(1) alpha for a micro-batch (see :func:`simplex.sample_alpha`; ``seed`` ``[B]`` for replicas)."""
         return simplex.sample_alpha(seed, step, example_index, self.num_vertices, self.alpha_rows, granularity)
 
-    def regulariser(self, kind: str = "cos2") -> torch.Tensor:
+    def regulariser(self, kind: str = "cos2", head: bool = False) -> torch.Tensor:
         """Mean pairwise cos^2 of the flattened vertices of each replica, summed over replicas (0-d);
-        ``cos2_centred``: of the vertices centred over their P positions (per layer, key/value and head)."""
+        ``cos2_centred``: of the vertices centred over their P positions (per layer, key/value and head).
+        ``head``: plus the same for an encoder head's K weight matrices ``[R * K, C, H]``."""
         if kind not in simplex.REGULARISERS:
             raise ValueError(f"unknown regulariser {kind!r}; use one of {simplex.REGULARISERS}")
         centre_dim = -2 if kind == "cos2_centred" else None
-        return simplex.cosine_regulariser(self.simplex.vertices, self.num_replicas, centre_dim)
+        reg = simplex.cosine_regulariser(self.simplex.vertices, self.num_replicas, centre_dim)
+        if head and self.simplex.head is not None:
+            reg = reg + simplex.cosine_regulariser(self.simplex.head.weight, self.num_replicas)
+        return reg
 
     # ---- forward ---------------------------------------------------------------------------------
     def block_alpha(self, alpha: torch.Tensor, batch: int, replica: torch.Tensor | None = None) -> torch.Tensor:

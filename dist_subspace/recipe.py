@@ -243,7 +243,8 @@ class Recipe:
             per_replica = task_loss(self.task, logits, batch["labels"], reduction="none").view(r, mb).mean(1) / accum
             per_replica.sum().backward()  # replicas share no parameter: each gets its own run's gradient
             total += per_replica.detach()
-        reg = cfg.simplex.beta * model.regulariser(cfg.simplex.regulariser)  # identical on every rank
+        # identical on every rank
+        reg = cfg.simplex.beta * model.regulariser(cfg.simplex.regulariser, cfg.simplex.regularise_head)
         if reg.requires_grad:
             reg.backward()
         params = list(model.trainable_parameters())
@@ -268,6 +269,9 @@ class Recipe:
             reg = cfg.simplex.beta * simplex.cosine_regulariser(vertices, 1, centre).item()
             row = {"loss": losses[r].item(), "regulariser": reg, "lr": self.lr, "grad_norm": self.grad_norm[r].item()}
             row.update(simplex.diversity(vertices, centre_dim=-2) if self.model.use_prefix else {})
+            if self.model.simplex.head is not None and k > 1:  # do the K heads stay apart? (cos^2 of weights)
+                heads = self.model.simplex.head.weight.detach()[r * k : (r + 1) * k]
+                row["head_cos2"] = simplex.pairwise_cos(heads[None]).square().mean().item()
             rows.append({**row, "examples_per_s": rate})
         return rows
 

@@ -32,6 +32,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "k1": {"simplex.vertices": 1},  # prefix tuning
     "k3": {"simplex.vertices": 3},  # the simplex, scored at its centroid
     "k3_centred": {"simplex.vertices": 3, "simplex.regulariser": "cos2_centred"},
+    "k3_head_apart": {"simplex.vertices": 3, "simplex.regularise_head": True},  # encoders: heads kept apart too
     "k1_noise": {"simplex.vertices": 1, "simplex.noise": "match"},  # is it just noise injection?
     "k1_avg_start": {"simplex.vertices": 1, "prefix.init_average": 3},  # is it just the averaged start?
     "lora": {"simplex.vertices": 1, "model.adapter": "lora"},
@@ -42,7 +43,7 @@ DERIVED: dict[str, tuple[str, str]] = {
     "none": ("k3", "test_initial"),  # no training: the initial centroid
     "k3_ensemble": ("k3", "test_final_ensemble"),  # the trained simplex, ensemble of sampled points
 }
-ENCODER_ONLY = {"head_only"}
+ENCODER_ONLY = {"head_only", "k3_head_apart"}
 BASELINE = "k1"
 # Fallback seconds per replica-run when the study has no timing of its own yet (2-core CPU, one thread,
 # 16 shots, 40 steps, 1,000 test examples): a first guess for --dry-run, replaced by measured times.

@@ -84,6 +84,16 @@ def test_encoder_head_vertices_start_apart():
     torch.testing.assert_close(initial_head(3, 16, 2, seed=0)["bias"], head["bias"])
 
 
+def test_head_regulariser_adds_the_heads_cos2_and_reaches_their_weights():
+    model = PrefixSubspaceModel(tiny_backbone("bert"), 3, 4, num_outputs=2, replicas=2)
+    prefix_only = model.regulariser("cos2")
+    both = model.regulariser("cos2", head=True)
+    heads = simplex.cosine_regulariser(model.simplex.head.weight, num_replicas=2)
+    torch.testing.assert_close(both, prefix_only + heads)
+    both.backward()
+    assert model.simplex.head.weight.grad.abs().sum() > 0 and model.simplex.head.bias.grad is None
+
+
 @pytest.mark.slow
 def test_lora_baseline_trains_saves_and_evaluates(small_assets, tmp_path, capsys):
     model_dir, data = small_assets
