@@ -10,18 +10,16 @@ one-replica run with seeds ``train.seed + r`` and ``data.seed + r`` ends (up to 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from dist_subspace import simplex
-from dist_subspace.assembly import build, initialise, replica_config, replica_dir
+from dist_subspace import attention, simplex
+from dist_subspace.assembly import build, initialise, replica_dir
 from dist_subspace.batching import truncation_report
 from dist_subspace.checkpoint import (
     apply_checkpoint,
@@ -35,26 +33,16 @@ from dist_subspace.checkpoint import (
     save_final,
     simplex_tensors,
 )
-from dist_subspace.config import Config, save_config
+from dist_subspace.config import Config
 from dist_subspace.engine import Engine, parameter_counts
 from dist_subspace.evaluation import evaluate_replicas, write_landscapes
 from dist_subspace.guards import NonFiniteGuard, stop_if_write_fails
 from dist_subspace.metrics import task_loss
+from dist_subspace.runfolder import prepare_run_folders, write_rank_facts
 from dist_subspace.schedule import lr_factor, sampling_coordinates, step_examples
 
 NOISE_SALT = 0x6E015E  # the noise control's stream of hashed normals differs from the alphas'
 LANDSCAPE_CAP_PARAMETERS = 1_000_000_000  # above this backbone size the landscape scores a capped dev subset
-
-
-def clip_grad_norm_per_replica(params: list[torch.nn.Parameter], replicas: int, max_norm: float) -> torch.Tensor:
-    """``torch.nn.utils.clip_grad_norm_`` for each replica on its own rows of every parameter (all leading dims
-    are replica-major ``[R * K, ...]``); returns the norms before clipping ``[R]``."""
-    grads = [p.grad.view(replicas, -1) for p in params if p.grad is not None]
-    norms = torch.stack([g.float().square().sum(1) for g in grads]).sum(0).sqrt()  # [R]
-    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(coef[:, None].to(g.dtype))
-    return norms
 
 
 class Recipe:
@@ -150,24 +138,8 @@ class Recipe:
     def prepare_folders(self) -> None:
         """Write the resolved config(s) and example manifests; on resume drop rows logged after the
         checkpoint; on a fresh start clear what an overwritten run left. Main process only."""
-        if not self.engine.is_main:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        save_config(self.cfg, self.out / "config.yaml")
-        for r, folder in enumerate(self.dirs):
-            folder.mkdir(parents=True, exist_ok=True)
-            save_config(replica_config(self.cfg, r), folder / "config.yaml")
-            (folder / "examples.json").write_text(json.dumps(self.splits[r].manifest()) + "\n")
-            log = folder / "metrics.jsonl"
-            if self.step > 0 and log.exists():
-                rows = [row for row in log.read_text().splitlines() if _before_checkpoint(row, self.step)]
-                log.write_text("".join(f"{row}\n" for row in rows))
-            if self.cfg.train.resume == "none":  # a fresh run (train.overwrite=true was checked)
-                log.unlink(missing_ok=True)
-                shutil.rmtree(folder / "final", ignore_errors=True)
-                (folder / "summary.json").unlink(missing_ok=True)
-        if self.cfg.train.resume == "none":
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        if self.engine.is_main:
+            prepare_run_folders(self.cfg, self.out, self.dirs, [s.manifest() for s in self.splits], self.step)
 
     # ---- logging ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -249,7 +221,7 @@ class Recipe:
             reg.backward()
         params = list(model.trainable_parameters())
         total = engine.all_reduce_mean_grads(params, total)
-        self.grad_norm = clip_grad_norm_per_replica(params, r, cfg.train.max_grad_norm)
+        self.grad_norm = simplex.clip_grad_norm_per_replica(params, r, cfg.train.max_grad_norm)
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this step used
         if self.guard.step_is_finite(engine, total, self.grad_norm, self.step + 1, self.out):  # all ranks agree
             self.optimizer.step()
@@ -338,8 +310,14 @@ class Recipe:
         def due(every: int) -> bool:
             return self.step % every == 0 or self.step == t.max_steps
 
+        first = True
+        attention.attention_paths.clear()
         while self.step < t.max_steps:
             losses.append(self.train_step())
+            if first:  # which attention paths one step took (the user's check that the fast path runs)
+                paths = ", ".join(f"{p} x{n}" for p, n in attention.attention_paths.items()) or "transformers' own"
+                self.log(f"attention: {self.model.config._attn_implementation}: {paths}")
+                first = False
             if progress is not None:
                 progress.update(1)
             if due(t.log_every):
@@ -391,7 +369,7 @@ class Recipe:
                     tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
                     save_final(self.dirs[r] / "final", self.model, info, tensors_r)
                     (self.dirs[r] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        self._write_rank_facts()
+        write_rank_facts(self.model, self.engine, self.out)
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
         if cfg.eval.landscape:
@@ -420,24 +398,6 @@ class Recipe:
         )
         self.log(f"landscape: {len(dev[0])} dev examples per replica, {time.perf_counter() - start:.1f} s")
 
-    def _write_rank_facts(self) -> None:
-        """``ranks/rank-R.json``: what this rank holds (frozen shard, a hash of its simplex), to check sharding."""
-        _, frozen, local_bytes = parameter_counts(self.model)
-        digest = hashlib.sha256()
-        for name, tensor in sorted(simplex_tensors(self.model).items()):
-            digest.update(name.encode() + tensor.numpy().tobytes())
-        facts = {
-            "rank": self.engine.rank,
-            "world_size": self.engine.world_size,
-            "frozen_numel": frozen,
-            "frozen_local_bytes": local_bytes,
-            "dtype": str(self.model.compute_dtype),
-            "simplex_sha256": digest.hexdigest(),
-        }
-        folder = self.out / "ranks"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank-{self.engine.rank}.json").write_text(json.dumps(facts) + "\n")
-
     def cleanup(self) -> None:
         if self.writer is not None:
             self.writer.close()
@@ -446,18 +406,3 @@ class Recipe:
 
 def _values(summaries: list[dict], key: str) -> str:
     return ", ".join(f"{s[key]:.4f}" for s in summaries)
-
-
-def _logged_step(line: str) -> float:
-    """The step of a metrics.jsonl row; a line cut short by a killed job counts as after any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        return float("inf")
-
-
-def _before_checkpoint(line: str, step: int) -> bool:
-    """A metrics.jsonl row logged before the checkpoint of ``step`` was saved: an earlier step, or a train/dev
-    row of that step (its test rows come after the last save, at the end of the run, and are logged again)."""
-    logged = _logged_step(line)
-    return logged < step or (logged == step and json.loads(line).get("split") != "test")

@@ -209,3 +209,14 @@ def dirichlet_spread(vertices: torch.Tensor) -> torch.Tensor:
     k = vertices.shape[0]
     dev = (vertices - vertices.mean(0, keepdim=True)).flatten(2).float()  # [K, L, N]
     return (dev.square().sum((0, 2)) / (k * (k + 1) * dev.shape[2])).sqrt()
+
+
+def clip_grad_norm_per_replica(params: list[torch.nn.Parameter], replicas: int, max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for each replica on its own rows of every parameter (all leading dims
+    are replica-major ``[R * K, ...]``); returns the norms before clipping ``[R]``."""
+    grads = [p.grad.view(replicas, -1) for p in params if p.grad is not None]
+    norms = torch.stack([g.float().square().sum(1) for g in grads]).sum(0).sqrt()  # [R]
+    coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(coef[:, None].to(g.dtype))
+    return norms

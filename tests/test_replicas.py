@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 from dist_subspace import simplex
 from dist_subspace.config import load_config
 from dist_subspace.evaluate import main as evaluate_main
-from dist_subspace.recipe import clip_grad_norm_per_replica
+from dist_subspace.simplex import clip_grad_norm_per_replica
 from dist_subspace.train import main
 from tests.conftest import run_args
 
