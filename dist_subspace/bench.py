@@ -11,6 +11,9 @@ Prints one JSON object (``--table``: a readable table): each side's median and m
 its time over ``limit``, ``peft`` and ``k1``, its peak memory measured in a fresh process, the sampler + mixer
 share of a K = 3 step, the proof that both compile with ``fullgraph=True``, and the issue's targets.
 
+``--evaluation``: S points stacked into one pass against one pass per point, 2 processes ZeRO-3 (see
+:mod:`dist_subspace.bench_evaluation`).
+
 ``--distributed``: 1 process against 2 processes with ZeRO-3 over gloo, through the trainer (see
 :mod:`dist_subspace.bench_distributed`).
 
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"embedded alias, folder or hub id; or built from a config: {', '.join(MODEL_CONFIGS)}, "
         "config:{json} or config:file.json",
     )
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=None, help="rows per step (8); --evaluation: per forward (32)")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per row (fixed length, cut from real text)")
     p.add_argument("--prefix-length", type=int, default=16, help="P")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
@@ -63,6 +66,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--distributed", action="store_true", help="1 process vs 2 processes ZeRO-3 through the trainer")
     p.add_argument("--steps", type=int, default=8, help="--distributed: optimizer steps per run")
     p.add_argument("--keep", default=None, help="--distributed: keep the run folders under this folder")
+    p.add_argument("--evaluation", action="store_true", help="stacked vs per-point evaluation, 2 processes ZeRO-3")
+    p.add_argument("--points", type=int, default=8, help="--evaluation: S of ensemble:S")
+    p.add_argument("--examples", type=int, default=32, help="--evaluation: examples scored (32: a few-shot dev set)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the fresh process of one side
     return p.parse_args(argv)
 
@@ -73,6 +79,8 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     unknown = [s for s in sides if s not in SIDES]
     if not sides or unknown or len(set(sides)) != len(sides):
         raise ValueError(f"--sides {args.sides!r}: give distinct names from {', '.join(SIDES)}")
+    if args.batch is None:
+        args.batch = 32 if args.evaluation else 8
     _positive("--batch", args.batch)
     _positive("--seq-len", args.seq_len, 2)
     _positive("--prefix-length", args.prefix_length)
@@ -112,6 +120,12 @@ def main(argv: list[str] | None = None) -> int:
 
             workload = build_workload(spec)
             print(json.dumps(side_memory(SIDES[args.memory_of](workload), spec.torch_device())))
+            return 0
+        if args.evaluation:  # --batch: the rows-per-forward budget (train.eval_batch_size), both sides
+            from dist_subspace.bench_evaluation import evaluation_facts, format_evaluation
+
+            result = evaluation_facts(spec.model, args.examples, args.points, args.batch, args.rounds)
+            print(format_evaluation(result) if args.table else json.dumps(result))
             return 0
         if args.distributed:
             from dist_subspace.bench_distributed import distributed_facts, format_distributed

@@ -129,7 +129,9 @@ def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
     return logits if task.regression and logits.shape[-1] == 1 else logits.softmax(-1)
 
 
-def _points(model: PrefixSubspaceModel, kind: str, number: int | None, granularity: str) -> list[Point]:
+def mode_points(model: PrefixSubspaceModel, kind: str, number: int | None, granularity: str) -> list[Point]:
+    """The points a mode scores (``kind``, ``number`` from :func:`check_eval_mode`): one for ``centroid`` and
+    ``vertex:I``, S per-example point functions for ``ensemble:S``, S layer-wise models for ``sampled:S``."""
     k = model.num_vertices
     if kind == "centroid":
         return [simplex.centroid_alpha(k)]
@@ -175,7 +177,7 @@ def evaluate_replicas(
     ``example_layer``); ``ensemble:S`` averages class probabilities over S points drawn per example.
     """
     kind, number = check_eval_mode(mode)
-    points = _points(model, kind, number, granularity)
+    points = mode_points(model, kind, number, granularity)
     queries = [Query(exs, p, r) for r, exs in enumerate(examples) for p in points]
     outputs = model_outputs(model, engine, queries, collator, batch_size, desc)
     results = []

@@ -145,3 +145,17 @@ def test_bad_flags_fail_with_one_line(flags, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
+
+
+@pytest.mark.slow
+def test_stacked_evaluation_serves_every_point_with_fewer_forwards_under_zero3(small_assets):
+    """2 processes, ZeRO-3: 8 examples, ensemble:4, 8 rows per forward. Per point each rank scores 4 examples
+    per forward (4 forwards); stacked, its 16 rows fill 2 forwards; the logits agree."""
+    from dist_subspace.bench_evaluation import evaluation_facts, format_evaluation
+
+    model_dir, _ = small_assets
+    result = evaluation_facts(str(model_dir), examples=8, points=4, batch=8, rounds=1)
+    assert result["setup"]["processes"] == 2 and result["setup"]["examples"] == 8
+    assert result["forwards_per_rank"] == {"stacked": 2, "per_point": 4}
+    assert result["max_abs_logit_diff"] < 1e-3  # bf16 backbone: the same rows, batched differently
+    assert "speed-up of stacking" in format_evaluation(result)
