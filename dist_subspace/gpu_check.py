@@ -12,7 +12,10 @@ keeps what it measured):
 - ``host_syncs``: every side's training step under ``torch.cuda.set_sync_debug_mode("warn")`` (how many syncs,
   from which lines), and k3's under ``"error"`` (passes only with zero syncs);
 - ``sdpa``: which scaled-dot-product-attention kernels each side's step ran (profiler op names);
-- ``compile``: sampler + mixer under ``torch.compile(fullgraph=True)`` with inductor, against eager.
+- ``compile``: sampler + mixer under ``torch.compile(fullgraph=True)`` with inductor, against eager;
+- ``attention``: :func:`dist_subspace.attention_gpu.gpu_report` on two Llama-3-8B-shaped layers at 512, 2,048
+  and 8,192 tokens: which SDPA kernel runs behind a prefix, step time and peak memory of the prefix path, the
+  default path and the no-prefix limit, and the two paths' equality.
 
 ``--dry-run``: the same code on the CPU with a tiny model (seconds; the CUDA-only parts say they were skipped),
 as tests/test_bench.py runs it. Needs torch, transformers and peft; not DeepSpeed, Accelerate or ``datasets``.
@@ -36,6 +39,7 @@ import torch
 
 from dist_subspace import simplex
 from dist_subspace.arch import prefix_geometry
+from dist_subspace.attention_gpu import gpu_report
 from dist_subspace.bench_measure import measure, sampler_mixer
 from dist_subspace.bench_sides import SIDES, BenchSpec, Side, Workload, build_workload, load_backbone
 
@@ -48,6 +52,9 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312.0),
 )
 CHECK_SIDES = ("limit", "peft", "k3")
+TINY_ATTENTION_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+)
 NOT_NEEDED = ("deepspeed", "datasets")  # a GPU image without them must run this
 
 
@@ -238,6 +245,11 @@ def run_check(out: Path, dry_run: bool, seq_lens: tuple[int, ...], batch: int, r
     _section(result, "cuda_graph", lambda: cuda_graph_sampler_mixer(w) if cuda else skipped, save)
     backend = "inductor" if not dry_run else "eager"
     _section(result, "compile", lambda: sampler_mixer(w, 3, backend, clock="wall"), save)
+    if cuda:  # issue 11's kernels: an 8B-shaped layer pair at 512, 2,048 and 8,192 tokens
+        report = lambda: gpu_report((512, 2048, 8192), num_layers=2, rounds=rounds)  # noqa: E731
+    else:
+        report = lambda: gpu_report((16,), 1, 2, 1, 4, TINY_ATTENTION_SHAPE, torch.float32, "cpu")  # noqa: E731
+    _section(result, "attention", report, save)
     result["modules_not_needed_but_imported"] = [m for m in NOT_NEEDED if m in sys.modules]
     result["total_s"] = time.perf_counter() - start
     save()

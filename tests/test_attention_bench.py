@@ -2,7 +2,8 @@
 
 import torch
 
-from dist_subspace.attention_bench import compare_padding, compare_steps, gpu_report, random_batch
+from dist_subspace.attention_bench import compare_padding, compare_steps, random_batch
+from dist_subspace.attention_gpu import gpu_report
 from tests.conftest import tiny_backbone
 
 

@@ -80,6 +80,8 @@ def test_gpu_check_dry_run_writes_its_json(tmp_path):
     for section in ("host_syncs", "cuda_graph"):
         assert result[section]["skipped"] == "no CUDA device (dry run)" and result[section]["seconds"] >= 0
     assert result["compile"]["compiled"]["fullgraph"]
+    attention = result["attention"]["lengths"]["16"]  # the kernels section of issue 11, tiny and on CPU
+    assert attention["equality"]["logits_max_abs"] < 1e-4 and attention["kernels"]["prefix"]
     assert result["modules_not_needed_but_imported"] == []  # no deepspeed, no datasets on this path
 
 
