@@ -35,35 +35,42 @@ class Collator:
         self.tokenizer, self.task, self.decoder, self.max_length = tokenizer, task, decoder, max_length
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        self._encoded: dict[tuple, dict[str, list[int]]] = {}  # each example tokenised once: the loop only pads
+
+    def encode(self, example: Example) -> dict[str, list[int]]:
+        """One example's token ids (and segment ids), truncated, unpadded; cached by its text."""
+        key = (example["text"], example.get("text_pair"))
+        if key not in self._encoded:
+            self.tokenizer.truncation_side = "left" if self.decoder else "right"
+            if self.decoder:
+                text = self.task.template.format(text=example["text"], text_pair=example.get("text_pair") or "")
+                enc = self.tokenizer(text, truncation=True, max_length=self.max_length)
+            else:
+                pair = example["text_pair"] if self.task.has_pair else None
+                enc = self.tokenizer(example["text"], pair, truncation=True, max_length=self.max_length)
+            keep = ("input_ids",) if self.decoder else ("input_ids", "token_type_ids")
+            self._encoded[key] = {k: list(enc[k]) for k in keep if k in enc}
+        return self._encoded[key]
 
     def __call__(self, items: Sequence[tuple[int, Example]]) -> dict[str, torch.Tensor]:
         index = torch.tensor([i for i, _ in items], dtype=torch.long)
         examples = [e for _, e in items]
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left" if self.decoder else "right"
-        if self.decoder:
-            texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in examples]
-            enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        else:
-            pairs = [e["text_pair"] for e in examples] if self.task.has_pair else None
-            enc = self.tokenizer(
-                [e["text"] for e in examples],
-                pairs,
-                padding=True,
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
+        encoded = [self.encode(e) for e in examples]
+        width = max(len(e["input_ids"]) for e in encoded)
+        input_ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(encoded), width, dtype=torch.long)
+        segments = torch.zeros(len(encoded), width, dtype=torch.long)
+        for row, e in enumerate(encoded):  # right padding
+            n = len(e["input_ids"])
+            input_ids[row, :n] = torch.tensor(e["input_ids"])
+            mask[row, :n] = 1
+            if "token_type_ids" in e:
+                segments[row, :n] = torch.tensor(e["token_type_ids"])
         dtype = torch.float32 if self.task.regression else torch.long
         labels = torch.tensor([e["label"] for e in examples], dtype=dtype)
-        batch = {
-            "input_ids": enc["input_ids"],
-            "attention_mask": enc["attention_mask"],
-            "labels": labels,
-            "index": index,
-        }
-        if not self.decoder and "token_type_ids" in enc:  # BERT: segment ids tell a pair's two texts apart
-            batch["token_type_ids"] = enc["token_type_ids"]
+        batch = {"input_ids": input_ids, "attention_mask": mask, "labels": labels, "index": index}
+        if "token_type_ids" in encoded[0]:  # BERT: segment ids tell a pair's two texts apart
+            batch["token_type_ids"] = segments
         return batch
 
     def count_truncated(self, examples: Sequence[Example]) -> int:

@@ -216,13 +216,10 @@ def test_clear_errors(tmp_path, sst2_files):
 class _FakeTokenizer:
     """Enough of a tokenizer for Collator: one id per character."""
 
-    pad_token, eos_token = "<pad>", "<pad>"
+    pad_token, eos_token, pad_token_id = "<pad>", "<pad>", 0
 
-    def __call__(self, texts, pairs=None, padding=True, truncation=True, max_length=256, return_tensors="pt"):
-        texts = [t + (p or "") for t, p in zip(texts, pairs or [None] * len(texts), strict=True)]
-        width = max(len(t) for t in texts)
-        ids = torch.tensor([[ord(c) for c in t] + [0] * (width - len(t)) for t in texts])
-        return {"input_ids": ids, "attention_mask": (ids > 0).long()}
+    def __call__(self, text, pair=None, truncation=True, max_length=256):
+        return {"input_ids": [ord(c) for c in text + (pair or "")][:max_length]}
 
 
 def test_encoder_pairs_carry_segment_ids():
@@ -235,6 +232,39 @@ def test_encoder_pairs_carry_segment_ids():
     batch = Collator(tokenizer, TASKS["rte"], decoder=False)([(0, example)])
     assert batch["token_type_ids"].tolist() == [[0, 0, 0, 0, 1, 1, 1, 1]]  # [CLS] a b [SEP] | c d e [SEP]
     assert "token_type_ids" not in Collator(tokenizer, TASKS["rte"], decoder=True)([(0, example)])
+
+
+@pytest.mark.parametrize(("model", "task", "decoder"), [("smollm2-135m", "sst2", True), ("minilm-l6", "rte", False)])
+def test_pretokenised_batches_equal_the_tokenizers_batched_call(model, task, decoder):
+    """Each example is tokenised once and the loop only pads: the same tensors as the tokenizer's own batched,
+    padded, truncated call (decoders: the prompt, cut on the left; encoders: the pair, cut on the right)."""
+    from transformers import AutoTokenizer
+
+    from dist_subspace.embedded import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    spec = TASKS[task]
+    words = "a rather long and winding review of a film that nobody asked for".split()
+    examples = [
+        {"text": " ".join(words[: 2 + 3 * i]), "text_pair": " ".join(words[i:]), "label": i % 2, "id": i}
+        for i in range(4)
+    ]
+    collator = Collator(tokenizer, spec, decoder=decoder, max_length=12)
+    batch = collator(list(enumerate(examples)))
+    tokenizer.padding_side, tokenizer.truncation_side = "right", "left" if decoder else "right"
+    if decoder:
+        texts = [spec.template.format(text=e["text"], text_pair=e["text_pair"]) for e in examples]
+        expected = tokenizer(texts, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    else:
+        texts, pairs = [e["text"] for e in examples], [e["text_pair"] for e in examples]
+        expected = tokenizer(texts, pairs, padding=True, truncation=True, max_length=12, return_tensors="pt")
+    keys = ("input_ids", "attention_mask") + (() if decoder else ("token_type_ids",))
+    for key in keys:
+        assert torch.equal(batch[key], expected[key]), key
+    assert len(collator._encoded) == 4
+    again = collator([(7, examples[2]), (8, examples[0])])  # from the cache, padded to this batch
+    assert again["index"].tolist() == [7, 8] and len(collator._encoded) == 4
+    assert again["input_ids"].shape[1] == max(len(collator.encode(e)["input_ids"]) for e in examples[::2])
 
 
 def test_decoders_pad_on_the_right_and_truncate_on_the_left():
