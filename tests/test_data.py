@@ -244,7 +244,7 @@ def test_pretokenised_batches_equal_the_tokenizers_batched_call(model, task, dec
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     spec = TASKS[task]
-    words = "a rather long and winding review of a film that nobody asked for".split()
+    words = ["a", "rather", "long", "and", "winding", "review", "of", "a", "film", "that", "nobody", "asked", "for"]
     examples = [
         {"text": " ".join(words[: 2 + 3 * i]), "text_pair": " ".join(words[i:]), "label": i % 2, "id": i}
         for i in range(4)
