@@ -147,7 +147,8 @@ def plot(spec: StudySpec, summary: dict, curves: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    blocks = [(m, t) for m in spec.models for t in spec.tasks]
+    table = summary["table"]
+    blocks = [(m, t) for m in spec.models for t in spec.tasks if any(t in r for r in table.get(m, {}).values())]
     fig = Figure(figsize=(5 * len(blocks) + 5, 4.2))
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(blocks) + 1, squeeze=False)[0]
