@@ -56,7 +56,7 @@ def train_recording_comms(argv: list[str]) -> NoReturn:
     exit_now(code)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -137,8 +137,8 @@ def distributed_facts(model: str = "smollm2-135m", steps: int = 8, keep: str | N
     runs = {
         "single": ([python, "-m", "dist_subspace.train"], steps, ["train.grad_accum=2"]),
         "single_short": ([python, "-m", "dist_subspace.train"], short, ["train.grad_accum=2"]),
-        "zero3": ([*torchrun, str(_free_port()), *recorded, str(root / "zero3")], steps, [zero3]),
-        "zero3_short": ([*torchrun, str(_free_port()), *recorded, str(root / "zero3_short")], short, [zero3]),
+        "zero3": ([*torchrun, str(free_port()), *recorded, str(root / "zero3")], steps, [zero3]),
+        "zero3_short": ([*torchrun, str(free_port()), *recorded, str(root / "zero3_short")], short, [zero3]),
     }
     result: dict = {
         "setup": {

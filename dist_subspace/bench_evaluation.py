@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace.bench_distributed import _free_port
+from dist_subspace.bench_distributed import free_port
 
 
 def _overrides(model: str, examples: int, out: Path) -> list[str]:
@@ -117,7 +117,7 @@ def evaluation_facts(
     root = Path(tempfile.mkdtemp(prefix="bench-evaluation-"))
     result_path = root / "result.json"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port"]
-    command += [str(_free_port()), "-m", "dist_subspace.bench_evaluation", str(result_path), model]
+    command += [str(free_port()), "-m", "dist_subspace.bench_evaluation", str(result_path), model]
     command += [str(v) for v in (examples, points, batch, rounds)]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=3600)
