@@ -197,7 +197,7 @@ def ratios(times: dict[str, list[float]], pairs: Sequence[tuple[str, str]]) -> d
     return out
 
 
-def _timed(sides: dict[str, Side], rounds: int, pairs, device: torch.device) -> dict:
+def timed_summary(sides: dict[str, Side], rounds: int, pairs, device: torch.device) -> dict:
     """Interleaved timing, summarised: the headline clock is CPU time on a CPU (the machine may be shared), wall
     time on a GPU (kernels run asynchronously; synchronised around each step)."""
     times = interleaved_seconds(sides, rounds)
@@ -229,7 +229,8 @@ def saved_for_backward_bytes(step: Step, exclude: Sequence[torch.Tensor] = ()) -
     return sum(seen.values())
 
 
-def _paths(step: Step) -> dict[str, int]:
+def step_attention_paths(step: Step) -> dict[str, int]:
+    """The prefix attention paths ``step`` took, with their call counts."""
     attention.attention_paths.clear()
     step()
     return dict(attention.attention_paths)
@@ -248,13 +249,13 @@ def compare_steps(
     sides = attention_sides(backbone, input_ids, attention_mask, label_token_ids, prefix_length, peft=peft)
     params = [*backbone.parameters()]
     saved = {name: saved_for_backward_bytes(step, params) for name, step in sides.items()}
-    paths = {name: _paths(sides[name]) for name in ("prefix", "default")}
+    paths = {name: step_attention_paths(sides[name]) for name in ("prefix", "default")}
     pairs = [(name, "limit") for name in sides if name != "limit"] + [("prefix", "default"), ("prefix", "peft")]
     return {
         "batch": len(input_ids),
         "seq_len": input_ids.shape[1],
         "prefix_length": prefix_length,
-        **_timed(sides, rounds, pairs, input_ids.device),
+        **timed_summary(sides, rounds, pairs, input_ids.device),
         "saved_for_backward_mib": {k: v / 2**20 for k, v in saved.items()},
         "prefix_saved_over_default": saved["prefix"] / saved["default"],
         "attention_paths": paths,
@@ -271,7 +272,7 @@ def compare_padding(
 ) -> dict:
     """:func:`padding_sides` timed interleaved: median step seconds, ratios, the attention paths taken."""
     sides = padding_sides(backbone, input_ids, attention_mask, label_token_ids, prefix_length)
-    paths = {name: _paths(sides[name]) for name in ("prefix_left", "prefix_right")}
+    paths = {name: step_attention_paths(sides[name]) for name in ("prefix_left", "prefix_right")}
     pairs = [(name, "limit") for name in sides if name != "limit"]
     pairs += [("prefix_right", "before"), ("prefix_right", "prefix_left")]
     return {
@@ -279,7 +280,7 @@ def compare_padding(
         "seq_len": input_ids.shape[1],
         "real_tokens": int(attention_mask.sum()),
         "prefix_length": prefix_length,
-        **_timed(sides, rounds, pairs, input_ids.device),
+        **timed_summary(sides, rounds, pairs, input_ids.device),
         "attention_paths": paths,
     }
 

@@ -11,11 +11,11 @@ import torch
 from dist_subspace import attention
 from dist_subspace.attention_bench import (
     Step,
-    _paths,
-    _timed,
     attention_sides,
     random_batch,
     saved_for_backward_bytes,
+    step_attention_paths,
+    timed_summary,
 )
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 
@@ -87,7 +87,7 @@ def gpu_report(
         row: dict = {
             "kernels": {name: _kernels(step) for name, step in sides.items()},
             "prefix_runs_alone_on": _allowed_backends(sides["prefix"]),
-            "attention_paths": _paths(sides["prefix"]),
+            "attention_paths": step_attention_paths(sides["prefix"]),
             "equality": _equality(backbone, ids, mask, words, prefix_length),
         }
         peak = {}
@@ -96,7 +96,9 @@ def gpu_report(
                 torch.cuda.reset_peak_memory_stats(device)
                 step()
                 peak[name] = torch.cuda.max_memory_allocated(device) / 2**20
-        row.update(_timed(sides, rounds, [("prefix", "limit"), ("default", "limit"), ("prefix", "default")], device))
+        row.update(
+            timed_summary(sides, rounds, [("prefix", "limit"), ("default", "limit"), ("prefix", "default")], device)
+        )
         if peak:
             row["peak_mib"] = peak
         row["saved_for_backward_mib"] = {

@@ -37,14 +37,17 @@ class Collator:
             tokenizer.pad_token = tokenizer.eos_token
         self._encoded: dict[tuple, dict[str, list[int]]] = {}  # each example tokenised once: the loop only pads
 
+    def prompt(self, example: Example) -> str:
+        """A decoder's input: the task's template around the example's text (pair)."""
+        return self.task.template.format(text=example["text"], text_pair=example.get("text_pair") or "")
+
     def encode(self, example: Example) -> dict[str, list[int]]:
         """One example's token ids (and segment ids), truncated, unpadded; cached by its text."""
         key = (example["text"], example.get("text_pair"))
         if key not in self._encoded:
             self.tokenizer.truncation_side = "left" if self.decoder else "right"
             if self.decoder:
-                text = self.task.template.format(text=example["text"], text_pair=example.get("text_pair") or "")
-                enc = self.tokenizer(text, truncation=True, max_length=self.max_length)
+                enc = self.tokenizer(self.prompt(example), truncation=True, max_length=self.max_length)
             else:
                 pair = example["text_pair"] if self.task.has_pair else None
                 enc = self.tokenizer(example["text"], pair, truncation=True, max_length=self.max_length)
@@ -79,8 +82,7 @@ class Collator:
         for start in range(0, len(examples), 512):
             chunk = examples[start : start + 512]
             if self.decoder:
-                texts = [self.task.template.format(text=e["text"], text_pair=e.get("text_pair") or "") for e in chunk]
-                enc = self.tokenizer(texts, verbose=False)
+                enc = self.tokenizer([self.prompt(e) for e in chunk], verbose=False)
             else:
                 pairs = [e["text_pair"] for e in chunk] if self.task.has_pair else None
                 enc = self.tokenizer([e["text"] for e in chunk], pairs, verbose=False)

@@ -41,7 +41,7 @@ from dist_subspace import simplex
 from dist_subspace.arch import prefix_geometry
 from dist_subspace.attention_gpu import gpu_report
 from dist_subspace.bench_measure import measure, sampler_mixer
-from dist_subspace.bench_sides import SIDES, BenchSpec, Side, Workload, build_workload, load_backbone
+from dist_subspace.bench_sides import MODEL_CONFIGS, SIDES, BenchSpec, Side, Workload, build_workload, load_backbone
 
 # Dense bf16 peak of a GPU (TFLOP/s, from the vendor's data sheets), the first name found in the device name.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -52,9 +52,6 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
     ("A100", 312.0),
 )
 CHECK_SIDES = ("limit", "peft", "k3")
-TINY_ATTENTION_SHAPE = dict(
-    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
-)
 NOT_NEEDED = ("deepspeed", "datasets")  # a GPU image without them must run this
 
 
@@ -192,6 +189,15 @@ def _section(into: dict, key: str, fn, save) -> None:
     save()
 
 
+def attention_report(cuda: bool, rounds: int) -> dict:
+    """Issue 11's kernels: on a GPU two Llama-3-8B-shaped layers at 512, 2,048 and 8,192 tokens; else (dry run)
+    one layer of the bench's ``tiny-llama`` at 16 tokens, fp32 on the CPU."""
+    if cuda:
+        return gpu_report((512, 2048, 8192), num_layers=2, rounds=rounds)
+    tiny = {k: v for k, v in MODEL_CONFIGS["tiny-llama"].items() if k not in ("model_type", "num_hidden_layers")}
+    return gpu_report((16,), 1, rounds=1, prefix_length=4, shape=tiny, dtype=torch.float32, device="cpu")
+
+
 def run_check(out: Path, dry_run: bool, seq_lens: tuple[int, ...], batch: int, rounds: int, peak: float | None) -> dict:
     """Every section of the module docstring, written to ``out`` as it goes; returns the result."""
     cuda = torch.cuda.is_available() and not dry_run
@@ -245,11 +251,7 @@ def run_check(out: Path, dry_run: bool, seq_lens: tuple[int, ...], batch: int, r
     _section(result, "cuda_graph", lambda: cuda_graph_sampler_mixer(w) if cuda else skipped, save)
     backend = "inductor" if not dry_run else "eager"
     _section(result, "compile", lambda: sampler_mixer(w, 3, backend, clock="wall"), save)
-    if cuda:  # issue 11's kernels: an 8B-shaped layer pair at 512, 2,048 and 8,192 tokens
-        report = lambda: gpu_report((512, 2048, 8192), num_layers=2, rounds=rounds)  # noqa: E731
-    else:
-        report = lambda: gpu_report((16,), 1, 2, 1, 4, TINY_ATTENTION_SHAPE, torch.float32, "cpu")  # noqa: E731
-    _section(result, "attention", report, save)
+    _section(result, "attention", lambda: attention_report(cuda, rounds), save)
     result["modules_not_needed_but_imported"] = [m for m in NOT_NEEDED if m in sys.modules]
     result["total_s"] = time.perf_counter() - start
     save()

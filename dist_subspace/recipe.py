@@ -243,7 +243,7 @@ class Recipe:
             row.update(simplex.diversity(vertices, centre_dim=-2) if self.model.use_prefix else {})
             if self.model.simplex.head is not None and k > 1:  # do the K heads stay apart? (cos^2 of weights)
                 heads = self.model.simplex.head.weight.detach()[r * k : (r + 1) * k]
-                row["head_cos2"] = simplex.pairwise_cos(heads[None]).square().mean().item()
+                row["head_cos2"] = simplex.cosine_regulariser(heads).item()
             rows.append({**row, "examples_per_s": rate})
         return rows
 
@@ -310,14 +310,13 @@ class Recipe:
         def due(every: int) -> bool:
             return self.step % every == 0 or self.step == t.max_steps
 
-        first = True
+        first_step = self.step + 1
         attention.attention_paths.clear()
         while self.step < t.max_steps:
             losses.append(self.train_step())
-            if first:  # which attention paths one step took (the user's check that the fast path runs)
+            if self.step == first_step:  # which attention paths one step took (the check that the fast path runs)
                 paths = ", ".join(f"{p} x{n}" for p, n in attention.attention_paths.items()) or "transformers' own"
                 self.log(f"attention: {self.model.config._attn_implementation}: {paths}")
-                first = False
             if progress is not None:
                 progress.update(1)
             if due(t.log_every):
