@@ -94,6 +94,10 @@ def prefix_sdpa_mask(
         allow_is_bidirectional_skip=allow_is_bidirectional_skip,
         **kwargs,
     )
+    # transformers may answer with no mask when it counts on SDPA's upper-left ``is_causal`` (a static cache's
+    # prefill: S queries before empty slots). This path reads no mask as lower-right causal, so where queries and
+    # keys differ in number, transformers' fallback must always build the mask.
+    args["allow_is_causal_skip"] = allow_is_causal_skip and q_length == kv_length
     padding = prepare_padding_mask(attention_mask, kv_length, kv_offset)  # [B, kv] bool or None
     if kv_offset != 0 or isinstance(q_offset, torch.Tensor) or (padding is not None and is_tracing(padding)):
         return sdpa_mask(**args)

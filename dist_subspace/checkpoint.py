@@ -84,6 +84,10 @@ def _atomic_dir(target: Path) -> Path:
 
 
 CHECKSUMS = "checksums.json"
+# The run-folder format. 2: every checkpoint and final/ folder is sealed with checksums.json, which verification
+# then requires; folders with no "format" (written before it) are checked on their safetensors headers alone.
+FORMAT_VERSION = 2
+MANIFESTS = ("trainer_state.json", "simplex_config.json")  # where a checkpoint / final/ folder states its format
 
 
 class CheckpointError(ValueError):
@@ -205,14 +209,29 @@ def prune_checkpoints(output_dir: Path, keep: int, protect_steps: Sequence[int |
     return removed
 
 
+def folder_format(folder: Path, hint: str) -> int:
+    """The format a checkpoint or ``final/`` folder declares in its manifest (1: none, written before formats)."""
+    for name in MANIFESTS:
+        path = folder / name
+        if path.is_file():
+            try:
+                return int(json.loads(path.read_text()).get("format", 1))
+            except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError):
+                raise CheckpointError(f"{path} is corrupt (not a JSON object); {hint}") from None
+    return 1
+
+
 def verify_folder(folder: Path, required: Sequence[str], hint: str) -> None:
     """Refuse a checkpoint or ``final/`` folder that is incomplete, truncated or corrupt, in one line ending in
-    ``hint`` (what to do): every ``required`` file is there, every file matches ``checksums.json`` (written
-    when the folder was sealed; folders from before it are only header-checked), every safetensors header reads."""
+    ``hint`` (what to do): every ``required`` file is there, every file matches ``checksums.json`` (mandatory
+    from format 2 on; folders from before formats are only header-checked), every safetensors header reads."""
     for name in required:
         if not (folder / name).is_file():
             raise CheckpointError(f"{folder}: {name} is missing; {hint}")
     sums_path = folder / CHECKSUMS
+    declared = folder_format(folder, hint)
+    if declared >= 2 and not sums_path.is_file():
+        raise CheckpointError(f"{sums_path} is missing (format {declared} folders are always sealed with it); {hint}")
     if sums_path.is_file():
         try:
             sums = json.loads(sums_path.read_text())
@@ -271,6 +290,7 @@ def save_checkpoint(
     if best["tensors"] is not None:
         save_file(best["tensors"], str(tmp / "best_simplex.safetensors"))
     trainer_state = {
+        "format": FORMAT_VERSION,
         "step": step,
         "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
@@ -336,6 +356,7 @@ def save_final(folder: Path, model: PrefixSubspaceModel, info: dict, tensors: di
     save_file(tensors, str(tmp / "simplex.safetensors"))
     g = model.geometry
     config = {
+        "format": FORMAT_VERSION,
         "adapter": "prefix" if model.use_prefix else "lora",
         "num_vertices": model.num_vertices,
         "prefix_length": model.prefix_length,

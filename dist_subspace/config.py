@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dist_subspace.files import write_atomic
 from dist_subspace.simplex import GRANULARITIES, REGULARISERS
 
 
@@ -164,13 +165,14 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    mode: str = "centroid"  # how dev/test are scored: centroid | vertex:I | ensemble:S | sampled:S
+    mode: str = "centroid"  # how dev/test are scored: centroid | vertex:I | ensemble:S | sampled:S | models:S
     select_by: str = "centroid"  # which dev score picks the best checkpoint (same syntax as mode)
     landscape: bool = True  # write landscape.png (dev metric over the simplex) at the end
     landscape_resolution: int = 6  # grid step 1/6 on the triangle: 28 points, centroid included
     landscape_examples: int = -1  # dev examples the landscape scores: -1 all (64 for models over 1B), 0 all, or a cap
     initial_test: bool = True  # score test at the initial centroid before training
     extra_test_modes: list[str] = field(default_factory=list)  # more modes to score test in at the end
+    test_last: bool = False  # also score test with the last step's simplex (no dev selection), in eval.mode
 
     def __post_init__(self) -> None:
         for key in ("mode", "select_by"):
@@ -223,13 +225,15 @@ class Config:
 
 
 def check_eval_mode(mode: str, key: str = "--mode") -> tuple[str, int | None]:
-    """Parse ``centroid``, ``vertex:I``, ``ensemble:S`` or ``sampled:S`` into (kind, number)."""
+    """Parse ``centroid``, ``vertex:I``, ``ensemble:S``, ``sampled:S`` or ``models:S`` into (kind, number)."""
     kind, _, arg = mode.partition(":")
     if kind == "centroid" and not arg:
         return kind, None
-    if kind in ("vertex", "ensemble", "sampled") and arg.isdigit() and (kind == "vertex" or int(arg) > 0):
+    if kind in ("vertex", "ensemble", "sampled", "models") and arg.isdigit() and (kind == "vertex" or int(arg) > 0):
         return kind, int(arg)
-    raise ConfigError(f"{key}={mode!r} is not a mode; use centroid, vertex:I, ensemble:S or sampled:S (S > 0)")
+    raise ConfigError(
+        f"{key}={mode!r} is not a mode; use centroid, vertex:I, ensemble:S, sampled:S or models:S (S > 0)"
+    )
 
 
 # ---- parsing -------------------------------------------------------------------------------------
@@ -348,4 +352,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(config: Config, path: Path) -> None:
     """Write the resolved config as YAML (loadable with ``--config``)."""
-    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    write_atomic(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -22,6 +22,7 @@ from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 from torch import nn
 
 from dist_subspace.config import Config, ConfigError
+from dist_subspace.memory import unfilled_auto
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[1] / "ds_configs"
 
@@ -35,19 +36,37 @@ def resolve_ds_config(name: str) -> Path:
     raise ConfigError(f"engine.deepspeed={name!r}: no such file; give a path or one of {known}")
 
 
-def auto_dtype(capability: tuple[int, int] | None) -> torch.dtype:
-    """bfloat16 on a CUDA GPU of compute capability >= 8.0 (Ampere and later: native bf16), float32 otherwise.
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute in bf16 natively
 
-    ``capability`` is None without a GPU. V100 (7.0) and T4 (7.5) only emulate bf16 (slowly), although
-    ``torch.cuda.is_bf16_supported()`` says yes: they get float32. CPU bf16 matmuls are slow: float32.
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux; an empty set where they cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def auto_dtype(capability: tuple[int, int] | None, flags: set[str] | frozenset[str] = frozenset()) -> torch.dtype:
+    """bfloat16 where bf16 is native, float32 otherwise: a CUDA GPU of compute capability >= 8.0 (Ampere and
+    later), or without a GPU (``capability`` None) a CPU whose ``flags`` include avx512_bf16 or AMX.
+
+    V100 (7.0) and T4 (7.5) only emulate bf16 (slowly), although ``torch.cuda.is_bf16_supported()`` says yes: they
+    get float32, as do CPUs without bf16 instructions (where bf16 matmuls are slower than fp32). The simplex and its
+    optimizer stay float32 either way; only the frozen backbone and the mixed prefix run in the compute dtype.
     """
-    return torch.bfloat16 if capability is not None and capability >= (8, 0) else torch.float32
+    if capability is not None:
+        return torch.bfloat16 if capability >= (8, 0) else torch.float32
+    return torch.bfloat16 if any(flag in flags for flag in CPU_BF16_FLAGS) else torch.float32
 
 
 def compute_dtype(name: str) -> torch.dtype:
     """The backbone's dtype for ``model.dtype``: ``auto`` (see :func:`auto_dtype`), ``float32`` or ``bfloat16``."""
     if name == "auto":
-        return auto_dtype(torch.cuda.get_device_capability() if torch.cuda.is_available() else None)
+        if torch.cuda.is_available():
+            return auto_dtype(torch.cuda.get_device_capability())
+        return auto_dtype(None)
     return getattr(torch, name)
 
 
@@ -88,6 +107,9 @@ def check_ds_config(
     zero = ds.get("zero_optimization") or {}
     if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
         raise ConfigError("the DeepSpeed config's zero_optimization.stage must be 0, 1, 2 or 3")
+    problem = unfilled_auto(zero, "the DeepSpeed config")
+    if problem:
+        raise ConfigError(problem)
     if _offload_device(zero, "offload_optimizer"):
         raise ConfigError(
             "the DeepSpeed config offloads an optimizer, but DeepSpeed has none here (the simplex is optimised "
@@ -148,7 +170,9 @@ def _fill_ds_config(ds: dict, cfg: Config, dtype: torch.dtype, strict: bool = Tr
     return ds
 
 
-def _single_process_env() -> None:
+def _single_process_env() -> list[str]:
+    """Set what a launcher would for rank 0 of 1 on a free port; returns the names set (end() removes them, so a
+    process started later from this one, a test's subprocess say, does not believe it was launched)."""
     import socket
 
     with socket.socket() as sock:
@@ -156,6 +180,7 @@ def _single_process_env() -> None:
         port = sock.getsockname()[1]
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     os.environ.update(env)
+    return list(env)
 
 
 class Engine:
@@ -173,8 +198,9 @@ class Engine:
         elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
             plugin = DeepSpeedPlugin()  # from `accelerate launch --config_file` (its deepspeed_config_file)
             plugin.deepspeed_config.update(_fill_ds_config(plugin.deepspeed_config, cfg, self.dtype, strict=False))
+        self._set_env: list[str] = []
         if plugin is not None and "RANK" not in os.environ:
-            _single_process_env()  # plain `python -m` with DeepSpeed: be rank 0 of 1 (else it looks for MPI)
+            self._set_env = _single_process_env()  # plain `python -m` with DeepSpeed: rank 0 of 1 (not MPI discovery)
         distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or plugin is not None
         # Without a GPU, accelerate would make every rank "rank 0 of 1" while DeepSpeed sees them all: ask for gloo.
         # A collective that waits longer than the timeout (a hung peer) raises instead of hanging the job.
@@ -317,6 +343,8 @@ class Engine:
             os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         else:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = self._use_deepspeed_env
+        for name in self._set_env:
+            os.environ.pop(name, None)
 
 
 def parameter_counts(module: nn.Module) -> tuple[int, int, int]:

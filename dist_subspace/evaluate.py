@@ -1,8 +1,8 @@
 """Score a finished run: ``python -m dist_subspace.evaluate RUN_DIR [--mode M] [--split S] [--landscape]``.
 
-Prints one JSON object (metric, mode, split, number of examples; mean and std for ``sampled:S``). Uses the
-run's resolved ``config.yaml`` and its ``final/simplex.safetensors``; ``--data key=value`` changes the data
-(e.g. ``--data task=path/to/file.csv``). Runs under any launcher, like training.
+Prints one JSON object (metric, mode, split, number of examples; mean and std for ``sampled:S`` and
+``models:S``). Uses the run's resolved ``config.yaml`` and its ``final/simplex.safetensors``; ``--data key=value``
+changes the data (e.g. ``--data task=path/to/file.csv``). Runs under any launcher, like training.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument(
-        "--mode", default=None, help="centroid | vertex:I | ensemble:S | sampled:S (default: the run's)"
+        "--mode", default=None, help="centroid | vertex:I | ensemble:S | sampled:S | models:S (default: the run's)"
     )
     parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="data overrides, e.g. task=f.csv")

@@ -12,7 +12,6 @@ rank must run the same number of forwards), then the outputs are gathered and de
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import torch
 from dist_subspace import simplex
 from dist_subspace.batching import Collator
 from dist_subspace.config import check_eval_mode
+from dist_subspace.files import write_json
 from dist_subspace.metrics import compute_metrics, predict
 from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.tasks import Example, TaskSpec
@@ -79,8 +79,9 @@ def model_outputs(
     """
     model.eval()
     rows = [(q, i) for q, query in enumerate(queries) for i in range(len(query.examples))]
-    # Similar lengths batch together; the rows of one example (its S points, its replicas) stay side by side.
-    rows.sort(key=lambda r: (_length(queries[r[0]].examples[r[1]]), id(queries[r[0]].examples), r[1], r[0]))
+    # Similar lengths batch together; the rows of one example (its S points) stay side by side. The key holds only
+    # values every rank agrees on (never an object's address): each rank takes its share of the same order.
+    rows.sort(key=lambda r: (_length(queries[r[0]].examples[r[1]]), queries[r[0]].replica, r[1], r[0]))
     mine = [rows[j] for j in _shard(len(rows), engine.rank, engine.world_size)]
     device = model.simplex.vertices.device
     results: list[tuple[int, int, torch.Tensor]] = []
@@ -116,7 +117,7 @@ def sampled_points(model: PrefixSubspaceModel, granularity: str, draw: int) -> C
     return lambda index: model.sample_alpha(step, index, granularity, seed=EVAL_SEED)
 
 
-def sampled_models(model: PrefixSubspaceModel, granularity: str, count: int) -> list[torch.Tensor]:
+def whole_models(model: PrefixSubspaceModel, granularity: str, count: int) -> list[torch.Tensor]:
     """``count`` models of the subspace drawn as training draws them, each the same for every example: one
     point per layer ``[L(+1), K]`` for ``example_layer`` sampling, one point ``[K]`` otherwise."""
     per_model = "example_layer" if granularity == "example_layer" else "example"
@@ -131,15 +132,16 @@ def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
 
 def mode_points(model: PrefixSubspaceModel, kind: str, number: int | None, granularity: str) -> list[Point]:
     """The points a mode scores (``kind``, ``number`` from :func:`check_eval_mode`): one for ``centroid`` and
-    ``vertex:I``, S per-example point functions for ``ensemble:S``, S layer-wise models for ``sampled:S``."""
+    ``vertex:I``; S draws of a point per example (and per layer, as training draws them) for ``ensemble:S`` and
+    ``sampled:S``; S whole models, each the same for every example, for ``models:S``."""
     k = model.num_vertices
     if kind == "centroid":
         return [simplex.centroid_alpha(k)]
     if kind == "vertex":
         return [simplex.vertex_alpha(k, number)]
-    if kind == "ensemble":
+    if kind in ("ensemble", "sampled"):
         return [sampled_points(model, granularity, s) for s in range(number)]
-    return sampled_models(model, granularity, number)
+    return whole_models(model, granularity, number)
 
 
 def _score(task: TaskSpec, kind: str, outputs: list[torch.Tensor], labels: torch.Tensor) -> dict:
@@ -147,14 +149,14 @@ def _score(task: TaskSpec, kind: str, outputs: list[torch.Tensor], labels: torch
         mean = torch.stack([_probabilities(task, o) for o in outputs]).mean(0)
         logits = mean if task.regression and mean.shape[-1] == 1 else mean.log()
         return compute_metrics(task, predict(task, logits), labels)
-    if kind != "sampled":
+    if kind not in ("sampled", "models"):
         return compute_metrics(task, predict(task, outputs[0]), labels)
     runs = [compute_metrics(task, predict(task, o), labels) for o in outputs]
     result = {}
     for key in runs[0]:
         values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
         result[key] = values.mean().item()
-        result[f"{key}_std"] = values.std(unbiased=False).item()
+        result[f"{key}_std"] = values.std().item() if len(runs) > 1 else 0.0  # sample SD over the S draws
     result["samples"] = [r[task.metric] for r in runs]
     return result
 
@@ -173,8 +175,10 @@ def evaluate_replicas(
     """Score each replica r on ``examples[r]`` under ``mode``, all in one stacked pass; a dict per replica
     with the metrics, ``mode`` and ``n`` (plus ``*_std`` and ``samples`` for ``sampled:S``).
 
-    ``sampled:S`` scores S models of the subspace drawn at the training granularity (per layer for
-    ``example_layer``); ``ensemble:S`` averages class probabilities over S points drawn per example.
+    ``sampled:S`` is the paper's non-deterministic validation metric: S draws, in each a point per example (and
+    per layer for ``example_layer``) drawn as training draws it; the metric of each draw, then their mean and
+    sample SD. ``ensemble:S`` averages class probabilities over the same S points; ``models:S`` scores S whole
+    models of the subspace (one point per layer, the same for every example).
     """
     kind, number = check_eval_mode(mode)
     points = mode_points(model, kind, number, granularity)
@@ -256,7 +260,7 @@ def write_landscapes(
             "n": len(exs),
             "seconds": time.perf_counter() - start,
         }
-        (out_dir / "landscape.json").write_text(json.dumps(record) + "\n")
+        write_json(out_dir / "landscape.json", record)
         paths.append(path)
     return paths
 

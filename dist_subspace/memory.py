@@ -30,6 +30,22 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 CPU_KEY_BLOCK = 512  # = attention.CPU_KEY_BLOCK (this module imports no framework; tests/test_attention.py checks)
+# ZeRO-3 counts whose "auto" nothing fills (Accelerate fills only the bucket sizes and the persistence threshold,
+# from the hidden size): DeepSpeed would get the text "auto" where it needs a number.
+UNFILLED_AUTO = ("stage3_max_live_parameters", "stage3_max_reuse_distance")
+
+
+def unfilled_auto(zero: dict, source: str) -> str | None:
+    """A one-line complaint (naming ``source``) when a DeepSpeed ``zero_optimization`` section sets a count that
+    nobody fills to ``"auto"``; None when there is none."""
+    keys = [k for k in UNFILLED_AUTO if zero.get(k) == "auto"]
+    if not keys:
+        return None
+    return (
+        f'{source} sets zero_optimization.{keys[0]}="auto", which nothing fills (Accelerate fills only the bucket '
+        "sizes and stage3_param_persistence_threshold); give a number, e.g. 1e9 (DeepSpeed's default)"
+    )
+
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -66,6 +82,8 @@ class ModelShape:
     final_softcap: bool = False  # output logits soft-capped (a tanh kept)
     unit_offset_norm: bool = False  # Gemma: RMSNorm scales by (1 + weight), a tensor kept per norm
     rotary_dims: int = 0  # rotated part of a head (GPT-NeoX: a fraction of head_dim)
+    sliding_window: int = 0  # tokens a sliding-window layer's query sees among the input (0: none)
+    sliding_layers: tuple[int, ...] = ()  # the layers with a sliding window
 
 
 def _get(config: dict, *keys: str, default=None):
@@ -73,6 +91,15 @@ def _get(config: dict, *keys: str, default=None):
         if config.get(key) is not None:
             return config[key]
     return default
+
+
+def _sliding(config: dict, layers: int) -> dict:
+    """Which layers slide, as transformers builds them: those ``layer_types`` names ``sliding_attention``, or
+    every layer where a config without ``layer_types`` sets ``sliding_window`` (Mistral, Phi-3, Mixtral)."""
+    window = config.get("sliding_window") or 0
+    types = config.get("layer_types")
+    sliding = [i for i, t in enumerate(types) if t == "sliding_attention"] if types else range(layers if window else 0)
+    return {"sliding_window": window, "sliding_layers": tuple(sliding) if window else ()}
 
 
 def model_shape(config: dict) -> ModelShape:
@@ -96,6 +123,7 @@ def model_shape(config: dict) -> ModelShape:
         intermediate_size=config["intermediate_size"],
         tied_embeddings=bool(config.get("tie_word_embeddings", kind in ("gemma2", "gemma3_text"))),
         rotary_dims=int(head_dim * partial),
+        **_sliding(config, layers),
     )
     bias = bool(config.get("attention_bias", False))
     if kind == "gpt_neox":
@@ -207,6 +235,8 @@ def layer_activation_bytes(m: ModelShape, index: int, batch: int, seq: int, pref
         total += batch * heads * seq * keys * ((1 + m.softcap) * c + upcast)
     else:  # prefix_sdpa: q, output, log-sum-exp (fp32) over S rows and one shared [S, T] mask, or over T rows
         rows, mask = (keys, 0) if keys > CPU_KEY_BLOCK else (seq, seq * keys * c)  # (query padded to a square)
+        if index in m.sliding_layers and seq > m.sliding_window:  # a window past the prefix: one [S, T] band
+            rows, mask = seq, seq * keys * c
         total += batch * rows * heads * (2 * d * c + 4) + 2 * batch * keys * m.num_kv_heads * d * c + mask
     if m.qk_norm and not first:
         total += n * (heads + m.num_kv_heads) * (4 * d + 4)

@@ -79,6 +79,10 @@ def deepspeed_settings(name: str | None) -> dict:
         known = sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
         raise ConfigError(f"--ds-config {name!r}: no such file; give a path or one of {known}")
 
+    problem = memory.unfilled_auto(zero, f"--ds-config {name}")
+    if problem:
+        raise ConfigError(problem)
+
     def number(key: str, default):
         value = zero.get(key, default)
         return None if value == "auto" else int(value)

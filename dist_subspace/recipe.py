@@ -36,6 +36,7 @@ from dist_subspace.checkpoint import (
 from dist_subspace.config import Config
 from dist_subspace.engine import Engine, parameter_counts
 from dist_subspace.evaluation import evaluate_replicas, write_landscapes
+from dist_subspace.files import write_json
 from dist_subspace.guards import NonFiniteGuard, stop_if_write_fails
 from dist_subspace.metrics import task_loss
 from dist_subspace.runfolder import prepare_run_folders, write_rank_facts
@@ -100,6 +101,15 @@ class Recipe:
             return
         apply_checkpoint(state, self.model, self.optimizer, self.scheduler)
         self.step, self.best = state["step"], state["best"]
+        saved_lr, lr = self.scheduler.base_lrs[0], self.cfg.train.lr
+        if saved_lr != lr:  # the checkpoint's optimizer and scheduler carry the old rate: the config's wins
+            sched = self.scheduler
+            sched.base_lrs = [lr] * len(sched.base_lrs)
+            rates = [lr * factor(sched.last_epoch) for factor in sched.lr_lambdas]  # the schedule at this step
+            for group, rate in zip(self.optimizer.param_groups, rates, strict=True):
+                group["lr"], group["initial_lr"] = rate, lr
+            sched._last_lr = rates  # what get_last_lr() reports for the next step
+            self.log(f"train.lr changed on resume: {saved_lr:g} -> {lr:g}, applied from step {self.step + 1}")
         self.summaries = state.get("summaries") or self.summaries  # the initial test score, scored before step 0
         self.log(f"resumed from {folder} at step {self.step} (read by rank 0, sent to every rank)")
 
@@ -136,10 +146,12 @@ class Recipe:
             self.log(truncation_report(self.collator, {"train": s.train, "dev": s.dev, "test": s.test}))
 
     def prepare_folders(self) -> None:
-        """Write the resolved config(s) and example manifests; on resume drop rows logged after the
-        checkpoint; on a fresh start clear what an overwritten run left. Main process only."""
+        """Write the resolved config(s) and example manifests; on resume set aside what was logged and saved
+        after the checkpoint; on a fresh start clear what an overwritten run left. Main process only."""
         if self.engine.is_main:
-            prepare_run_folders(self.cfg, self.out, self.dirs, [s.manifest() for s in self.splits], self.step)
+            manifests = [s.manifest() for s in self.splits]
+            for moved in prepare_run_folders(self.cfg, self.out, self.dirs, manifests, self.step):
+                self.log(moved)
 
     # ---- logging ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -247,8 +259,8 @@ class Recipe:
             rows.append({**row, "examples_per_s": rate})
         return rows
 
-    def validate(self, split: str, mode: str | None = None) -> list[dict]:
-        """Score every replica on its own ``split`` examples; one metrics row each."""
+    def validate(self, split: str, mode: str | None = None, record: bool = True) -> list[dict]:
+        """Score every replica on its own ``split`` examples; one metrics row each (``record``)."""
         mode = mode or self.cfg.eval.mode
         examples = [s.dev if split == "dev" else s.test for s in self.splits]
         desc = f"{split} {mode}" if self.cfg.train.progress and split == "test" else None
@@ -263,7 +275,8 @@ class Recipe:
             self.cfg.simplex.sampling,
             desc=desc,
         )
-        self.record(split, [{k: v for k, v in res.items() if k != "samples"} for res in results])
+        if record:
+            self.record(split, [{k: v for k, v in res.items() if k != "samples"} for res in results])
         return results
 
     def _select(self, last_dev: list[dict]) -> None:
@@ -339,6 +352,11 @@ class Recipe:
     def finish(self) -> list[dict]:
         """Load each replica's best dev simplex, score it on test, write its ``final/``, summary and landscape."""
         cfg, metric = self.cfg, self.task.metric
+        if cfg.eval.test_last:  # the control for selection: the simplex as training left it
+            selected_last = all(s == self.step for s in self.best["steps"])
+            lasts = self.validate("test", record=False) if not selected_last else None
+            for summary, last in zip(self.summaries, lasts or [None] * self.replicas, strict=True):
+                summary["test_last"] = last[metric] if last is not None else None  # None: filled in below
         if self.best["tensors"] is not None:
             load_simplex_tensors(self.model, self.best["tensors"])
         finals = self.validate("test")
@@ -348,6 +366,11 @@ class Recipe:
         for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
             steps = self.best["steps"][r]
             summary.update(test_final=final[metric], selected_step=steps, mode=cfg.eval.mode, replica=r)
+            if cfg.eval.test_last and summary["test_last"] is None:  # every replica selected the last step
+                summary["test_last"] = final[metric]
+        if cfg.eval.test_last:
+            lasts = _values(self.summaries, "test_last")
+            self.log(f"test {metric} at the last step ({cfg.eval.mode}, no selection): {lasts}")
         self.log(
             f"test {metric} after training ({cfg.eval.mode}, dev-selected): {_values(self.summaries, 'test_final')}"
         )
@@ -367,7 +390,7 @@ class Recipe:
                     }
                     tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
                     save_final(self.dirs[r] / "final", self.model, info, tensors_r)
-                    (self.dirs[r] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                    write_json(self.dirs[r] / "summary.json", summary, indent=2)
         write_rank_facts(self.model, self.engine, self.out)
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))

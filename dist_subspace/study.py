@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -26,11 +27,15 @@ from typing import Any
 
 from dist_subspace.cli import exit_now, user_error
 from dist_subspace.config import ConfigError, build_dataclass, load_config, load_tree
+from dist_subspace.files import read_json, write_json
 
 # Each trained method: the run overrides that make it. All share the spec's base overrides and step budget.
 METHODS: dict[str, dict[str, Any]] = {
     "k1": {"simplex.vertices": 1},  # prefix tuning
     "k3": {"simplex.vertices": 3},  # the simplex, scored at its centroid
+    # The paper's whole method: checkpoint (and learning rate) picked by the sampled dev metric (S draws of a point
+    # per example and per layer, the metric averaged over draws), tested at the centroid. S: the spec's `sampled`.
+    "k3_sampled": {"simplex.vertices": 3, "eval.select_by": "sampled:{sampled}"},
     "k3_centred": {"simplex.vertices": 3, "simplex.regulariser": "cos2_centred"},
     "k3_head_apart": {"simplex.vertices": 3, "simplex.regularise_head": True},  # encoders: heads kept apart too
     "k1_noise": {"simplex.vertices": 1, "simplex.noise": "match"},  # is it just noise injection?
@@ -42,6 +47,9 @@ METHODS: dict[str, dict[str, Any]] = {
 DERIVED: dict[str, tuple[str, str]] = {
     "none": ("k3", "test_initial"),  # no training: the initial centroid
     "k3_ensemble": ("k3", "test_final_ensemble"),  # the trained simplex, ensemble of sampled points
+    "k3_sampled_ensemble": ("k3_sampled", "test_final_ensemble"),  # the paper's method, tested as ensemble:S
+    "k1_last": ("k1", "test_last"),  # controls for selection: the last step's simplex, no dev selection
+    "k3_last": ("k3", "test_last"),
 }
 ENCODER_ONLY = {"head_only", "k3_head_apart"}
 BASELINE = "k1"
@@ -62,9 +70,12 @@ class StudySpec:
     first_seed: int = 0
     lrs: list[float] = field(default_factory=lambda: [1e-2])
     lora_lrs: list[float] = field(default_factory=lambda: [1e-3])
-    ensemble: int = 8  # S of k3_ensemble
+    ensemble: int = 8  # S of k3_ensemble and k3_sampled_ensemble
+    sampled: int = 8  # S of k3_sampled's dev metric
     replicas: bool = True  # seeds as replicas of one run (false: one run per seed, to measure what replicas buy)
     base: dict[str, Any] = field(default_factory=dict)  # run overrides for every cell, e.g. train.max_steps: 40
+    # run overrides for one task's cells, over base: a user file's template, or a protocol a task needs
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         known = [*METHODS, *DERIVED]
@@ -74,6 +85,9 @@ class StudySpec:
         for method, (source, _) in DERIVED.items():
             if method in self.methods and source not in self.methods:
                 raise ConfigError(f"study method {method} is read from {source}'s runs: add {source} to methods")
+        for task in self.task_overrides:
+            if task not in self.tasks:
+                raise ConfigError(f"task_overrides names {task!r}, which is not among tasks {self.tasks}")
         if self.seeds < 1 or not self.lrs or not self.tasks or not self.models:
             raise ConfigError("a study needs seeds >= 1 and at least one task, model and learning rate")
 
@@ -106,10 +120,11 @@ def model_kind(name: str) -> str:
 
 
 def plan_units(spec: StudySpec, kinds: dict[str, str]) -> list[Unit]:
-    """Every unit to train, in the spec's order (tasks, models, methods, lrs): cheap blocks can come first."""
+    """Every unit to train, in the spec's order (models, tasks, methods, lrs): a model's tasks finish one after the
+    other with every method, so the paired comparisons fill in task by task; cheap models can come first."""
     units = []
-    for task in spec.tasks:
-        for model in spec.models:
+    for model in spec.models:
+        for task in spec.tasks:
             for method in spec.methods:
                 if method in DERIVED or (method in ENCODER_ONLY and kinds[model] != "encoder"):
                     continue
@@ -123,13 +138,23 @@ def separate_runs(spec: StudySpec, unit: Unit) -> bool:
     return not spec.replicas or unit.method == "lora"
 
 
-def run_overrides(spec: StudySpec, unit: Unit, root: Path) -> list[list[str]]:
-    """The ``key=value`` overrides of each training run of ``unit`` (one run, or one per seed)."""
-    values: dict[str, Any] = {**spec.base, **METHODS[unit.method]}
+def as_overrides(run: dict[str, Any]) -> list[str]:
+    """``key=value`` words that the trainer reads back as written: every value as JSON (valid YAML), so that a
+    string such as a prompt template with braces, a colon or a newline stays a string."""
+    return [f"{key}={json.dumps(value)}" for key, value in run.items()]
+
+
+def run_overrides(spec: StudySpec, unit: Unit, root: Path) -> list[dict[str, Any]]:
+    """The overrides of each training run of ``unit`` (one run, or one per seed), as values."""
+    method = {k: v.format(sampled=spec.sampled) if isinstance(v, str) else v for k, v in METHODS[unit.method].items()}
+    values: dict[str, Any] = {**spec.base, **spec.task_overrides.get(unit.task, {}), **method}
     values.update({"data.task": unit.task, "model.name_or_path": unit.model, "train.lr": unit.lr})
     values.update({"train.progress": False, "eval.initial_test": unit.method == "k3"})
-    if unit.method == "k3" and "k3_ensemble" in spec.methods:
+    needed = {field for name, (source, field) in DERIVED.items() if source == unit.method and name in spec.methods}
+    if "test_final_ensemble" in needed:
         values["eval.extra_test_modes"] = [f"ensemble:{spec.ensemble}"]
+    if "test_last" in needed:
+        values["eval.test_last"] = True
     folder = unit.folder(root)
     if separate_runs(spec, unit):
         runs = [
@@ -140,7 +165,7 @@ def run_overrides(spec: StudySpec, unit: Unit, root: Path) -> list[list[str]]:
     else:
         runs = [{**values, "train.seed": spec.first_seed, "data.seed": spec.first_seed}]
         runs[0].update({"simplex.replicas": spec.seeds, "train.output_dir": str(folder)})
-    return [[f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in run.items()] for run in runs]
+    return runs
 
 
 def replica_dirs(spec: StudySpec, unit: Unit, root: Path) -> list[Path]:
@@ -151,22 +176,31 @@ def replica_dirs(spec: StudySpec, unit: Unit, root: Path) -> list[Path]:
     return [folder / f"replica-{r}" for r in range(spec.seeds)]
 
 
+def read_summary(folder: Path) -> dict | None:
+    """A seed run's ``summary.json`` if it is complete (a finished run's test score), else None."""
+    summary = read_json(folder / "summary.json")
+    return summary if isinstance(summary, dict) and "test_final" in summary else None
+
+
 def unit_done(spec: StudySpec, unit: Unit, root: Path) -> bool:
-    return all((d / "summary.json").is_file() for d in replica_dirs(spec, unit, root))
+    return all(read_summary(d) is not None for d in replica_dirs(spec, unit, root))
 
 
-def _train(overrides: list[str], log: Path) -> int:
+def _train(run: dict[str, Any], log: Path) -> int:
     """One training run in a fresh process (a crash or a leak stays there): continue from its newest
-    checkpoint if it has one, else start it over."""
-    from dist_subspace.checkpoint import latest_checkpoint
+    checkpoint if it has one (after resolving what a killed save left), else start it over."""
+    from dist_subspace.checkpoint import latest_checkpoint, recover_interrupted_saves
 
-    out = Path(next(o for o in overrides if o.startswith("train.output_dir=")).split("=", 1)[1])
-    resume = "train.resume=auto" if latest_checkpoint(out) is not None else "train.overwrite=true"
+    out = Path(run["train.output_dir"])
+    for done in recover_interrupted_saves(out):  # first: a save killed mid-rename leaves its checkpoint aside
+        print(f"[study] {done}", flush=True)
+    resume = {"train.resume": "auto"} if latest_checkpoint(out) is not None else {"train.overwrite": True}
+    overrides = as_overrides({**run, **resume})
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as f:
-        f.write(f"\n$ python -m dist_subspace.train {' '.join([*overrides, resume])}\n")
+        f.write(f"\n$ python -m dist_subspace.train {' '.join(shlex.quote(o) for o in overrides)}\n")
         f.flush()
-        command = [sys.executable, "-m", "dist_subspace.train", *overrides, resume]
+        command = [sys.executable, "-m", "dist_subspace.train", *overrides]
         return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
 
 
@@ -176,17 +210,34 @@ def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
     for unit in units:
         if not unit_done(spec, unit, root):
             continue
-        timing = unit.folder(root) / "unit.json"
-        seconds = json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+        timing = read_json(unit.folder(root) / "unit.json")
+        seconds = timing.get("seconds") if isinstance(timing, dict) else None
         for r, folder in enumerate(replica_dirs(spec, unit, root)):
-            summary = json.loads((folder / "summary.json").read_text())
+            summary = read_summary(folder)
             final = json.loads((folder / "final" / "simplex_config.json").read_text())
             cell = {**asdict(unit), "seed": spec.first_seed + r, "folder": str(folder), "unit_seconds": seconds}
             cell.update(dev=final["dev_score"], test=summary["test_final"], selected_step=summary["selected_step"])
             cell["test_initial"] = summary.get("test_initial")
             cell["test_final_ensemble"] = summary.get(f"test_final_ensemble:{spec.ensemble}")
+            cell["test_last"] = summary.get("test_last")
+            cell["commit"] = timing.get("commit") if isinstance(timing, dict) else None
             cells.append(cell)
     return cells
+
+
+def source_commit() -> str | None:
+    """The commit of the code that trains (``-dirty`` when its tracked files differ from it); None outside git."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "-uno"], capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if commit.returncode != 0:
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def estimate_seconds(spec: StudySpec, unit: Unit, kind: str, measured: dict[tuple[str, str], float]) -> float:
@@ -208,8 +259,8 @@ def run_study(spec: StudySpec, dry_run: bool = False, stop_after: int | None = N
     kinds = {m: model_kind(m) for m in spec.models}
     units = plan_units(spec, kinds)
     for unit in units:  # every run's config is checked before the first one starts
-        for overrides in run_overrides(spec, unit, root):
-            load_config(None, overrides)
+        for run in run_overrides(spec, unit, root):
+            load_config(None, as_overrides(run))
     todo = [u for u in units if not unit_done(spec, u, root)]
     measured: dict[tuple[str, str], list[float]] = {}
     for cell in collect(spec, units, root):
@@ -233,14 +284,14 @@ def run_study(spec: StudySpec, dry_run: bool = False, stop_after: int | None = N
         name = f"{unit.task} {unit.model} {unit.method} lr={unit.lr:g}"
         print(f"[study] [{n}/{len(todo)}] {name}: training {spec.seeds} seed(s) ...", flush=True)
         clock = time.perf_counter()
-        codes = [_train(overrides, folder / "train.log") for overrides in run_overrides(spec, unit, root)]
+        codes = [_train(run, folder / "train.log") for run in run_overrides(spec, unit, root)]
         seconds = time.perf_counter() - clock
         if any(codes):
             failed.append(name)
             print(f"[study] [{n}/{len(todo)}] {name}: FAILED (exit {max(codes)}), see {folder / 'train.log'}")
             continue
-        (folder / "unit.json").write_text(json.dumps({"seconds": seconds, **asdict(unit)}) + "\n")
-        tests = [json.loads((d / "summary.json").read_text())["test_final"] for d in replica_dirs(spec, unit, root)]
+        write_json(folder / "unit.json", {"seconds": seconds, "commit": source_commit(), **asdict(unit)})
+        tests = [read_summary(d)["test_final"] for d in replica_dirs(spec, unit, root)]
         means[(unit.task, unit.model)] = seconds / spec.seeds  # the newest unit is the best guess for the next
         left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in todo[n:])
         mean = sum(tests) / len(tests)

@@ -13,6 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from dist_subspace.files import write_atomic, write_json
 from dist_subspace.study import BASELINE, DERIVED, StudySpec
 
 
@@ -185,8 +186,8 @@ def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str]
     curves = diversity_curves(cells)
     text = markdown(spec, summary)
     record = {"spec": asdict(spec), "model_kinds": kinds, "cells": cells, **summary, "diversity": curves}
-    (root / "study.json").write_text(json.dumps(record, indent=1) + "\n")
-    (root / "study.md").write_text(text + "\n")
+    write_json(root / "study.json", record, indent=1)
+    write_atomic(root / "study.md", text + "\n")
     plot(spec, summary, curves, root / "study.png")
     return {**summary, "cells": len(cells), "markdown": text, "output_dir": str(root)}
 

@@ -34,8 +34,19 @@ def padded(kind: str, length: int) -> list[list[int]]:
 
 
 # fp32: both paths reorder the same sums (one ulp of noise); bf16: the default path sums the grouped heads'
-# key/value gradients in bf16 after repeat_kv, SDPA inside its kernel, so gradients differ at bf16's epsilon.
-TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# key/value gradients in bf16 after repeat_kv, SDPA inside its kernel, so gradients differ at bf16's epsilon
+# (2^-8 = 0.4 %): measured against the tensor's largest entry, not absolutely (the largest error seen, over every
+# family, padding, logits and gradients, is 0.69 % of that entry).
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-4), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+def assert_close_scaled(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype, msg: str = "") -> None:
+    """``got`` equals ``want`` within ``TOLERANCE[dtype]``, its absolute part scaled by ``want``'s largest
+    entry: a gradient of scale 0.05 is held to 5e-4, not to an absolute 2e-2."""
+    scale = want.abs().max().item()
+    assert scale > 0, msg
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(got, want, atol=tolerance["atol"] * scale, rtol=tolerance["rtol"], msg=msg)
 
 
 def batch_with(padding: str, seed: int = 1, length: int = S) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +91,7 @@ def test_equals_the_default_path_forward_and_gradients(family, padding, dtype):
     got, want = run(ours, ids, mask), run(theirs, ids, mask)
     assert got.keys() == want.keys() and want["vertices"].abs().sum() > 0
     for name in want:
-        torch.testing.assert_close(got[name], want[name], **TOLERANCE[dtype], msg=name)
+        assert_close_scaled(got[name], want[name], dtype, msg=name)
 
 
 @pytest.mark.parametrize("padding", list(PADDING))
@@ -112,6 +123,38 @@ def test_long_inputs_run_causal_attention_with_no_mask_at_all(monkeypatch):
             assert dict(attention.attention_paths) == {"causal: query padded to a square, is_causal": 2}
             for name, value in run(theirs, ids, mask).items():
                 torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=f"{family} {padding} {name}")
+
+
+def test_the_lower_right_bias_branch_that_gpus_with_flash_take_equals_the_default_path(monkeypatch):
+    """On CUDA with flash, causal attention behind a prefix is SDPA with torch's ``causal_lower_right`` bias; that
+    bias runs on the CPU too, so the branch is forced here and checked, forward and gradients."""
+    monkeypatch.setattr(attention, "_flash_takes", lambda *args: True)
+    for family in [f for f in FAMILIES if f in DECODER_CONFIGS]:
+        ours, theirs = default_twin(family)
+        for padding in ("none", "right"):
+            ids, mask = batch_with(padding)
+            attention.attention_paths.clear()
+            got = run(ours, ids, mask)
+            assert dict(attention.attention_paths) == {"causal: lower-right bias (flash)": ours.geometry.num_layers}
+            for name, value in run(theirs, ids, mask).items():
+                torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=f"{family} {padding} {name}")
+
+
+def test_static_cache_generation_equals_dynamic_on_the_prefix_path():
+    """A backbone switched to prefix_sdpa, generating with transformers' static cache: its prefill has S queries
+    before max_cache_len slots, most of them empty, which only an explicit mask keeps out (no mask reads as
+    lower-right causal here). Same tokens and scores as the dynamic cache."""
+    model = make("llama")
+    assert model.config._attn_implementation == attention.PREFIX_ATTENTION
+    torch.manual_seed(3)
+    ids = torch.randint(3, 128, (2, 6))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    kw.update(return_dict_in_generate=True, output_scores=True)
+    dynamic = model.backbone.generate(ids, **kw)
+    static = model.backbone.generate(ids, cache_implementation="static", **kw)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    for a, b in zip(static.scores, dynamic.scores, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def sdpa_key_heads(model, ids, mask) -> set[int]:

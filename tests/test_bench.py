@@ -110,6 +110,25 @@ def test_rounds_alternate_their_order_and_ratios_pair_rounds():
     assert got == {"paired": 3.0, "paired_ci95": [2.0, 4.0], "median": 4.0, "min": 2.0}  # 3 rounds: the range
 
 
+@pytest.mark.slow
+def test_identical_sides_measure_one_and_a_doubled_step_two():
+    """Real steps, interleaved as the bench runs them: two sides doing the same work measure a ratio whose interval
+    holds 1, and a side that steps twice measures about 2, with an interval that leaves 1 out."""
+    spec = BenchSpec(model="tiny-llama", batch=4, seq_len=64, prefix_length=4, device="cpu", dtype="float32")
+    w = build_workload(spec)
+    a, b = SIDES["k3"](w), SIDES["k3"](w)
+    steps = {"a": a.step, "b": b.step, "twice": lambda: (a.step(), a.step())}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the bench runs on CPU: process CPU time is then this thread's work alone
+    try:
+        times = interleaved_times(steps, rounds=15, warmup=2, device=torch.device("cpu"))["cpu"]
+    finally:
+        torch.set_num_threads(threads)
+    same, double = ratios(times, "a")["b"], ratios(times, "a")["twice"]
+    assert same["paired_ci95"][0] <= 1.0 <= same["paired_ci95"][1], same
+    assert 1.6 < double["paired"] < 2.4 and double["paired_ci95"][0] > 1.0, double
+
+
 def test_median_confidence_interval_uses_binomial_order_statistics():
     values = [float(v) for v in range(1, 21)]  # n = 20: P(Binomial(20, 1/2) <= 5) = 0.021, <= 6: 0.058
     assert median_ci(values) == (6.0, 15.0)

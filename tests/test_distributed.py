@@ -27,8 +27,13 @@ def torchrun_script(script: Path, *args: str) -> list[str]:
     return [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), str(script), *args]
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def launch(command: list[str], timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
+    """Run ``command`` as from a user's shell: no launcher variables left over from a run in this process."""
+    clean = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env = {**clean, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
@@ -132,7 +137,7 @@ def test_world_size_and_accumulation_do_not_change_alphas_or_the_simplex(single_
         assert facts[0]["frozen_local_bytes"] == facts[0]["frozen_numel"] * 4
 
 
-@pytest.mark.parametrize("mode", ["centroid", "vertex:1", "ensemble:2", "sampled:2"])
+@pytest.mark.parametrize("mode", ["centroid", "vertex:1", "ensemble:2", "sampled:2", "models:2"])
 def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_pair, mode):
     single, _, _ = single_and_pair  # 41 test examples: ranks get 21 and 20 (one padded)
     solo = launch([sys.executable, "-m", "dist_subspace.evaluate", str(single), "--mode", mode])
@@ -140,6 +145,30 @@ def test_distributed_evaluation_matches_one_process_at_an_odd_split(single_and_p
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (solo, duo))
     assert a["n"] == b["n"] == 41
     assert a["value"] == pytest.approx(b["value"], abs=1e-9)
+
+
+def test_replicas_under_zero3_score_every_row_once_as_one_process_does(small_assets, tmp_path):
+    """R = 3 seed replicas on 2 ranks, 41 test examples (123 rows, an odd split): every replica's dev and test
+    scores, at every evaluation, equal one process's (a row lost or doubled between the ranks would change
+    them, or end the run in a KeyError)."""
+    model_dir, data = small_assets
+    common = ("simplex.replicas=3", "train.max_steps=4", "train.eval_every=2", "train.save_every=4")
+    common += ("eval.landscape=false", "eval.extra_test_modes=[ensemble:2]")
+    one, two = tmp_path / "one", tmp_path / "two"
+    launch(
+        [sys.executable, "-m", "dist_subspace.train", *run_args(model_dir, data, one, "train.grad_accum=2", *common)]
+    )
+    launch(torchrun("dist_subspace.train", *run_args(model_dir, data, two, "engine.deepspeed=zero3_bf16", *common)))
+    for r in range(3):
+        rows = [
+            [json.loads(line) for line in (run / f"replica-{r}" / "metrics.jsonl").read_text().splitlines()]
+            for run in (one, two)
+        ]
+        scores = [[(x["step"], x["split"], x["accuracy"], x["n"]) for x in rs if x["split"] != "train"] for rs in rows]
+        assert len(scores[0]) == 5 and {s[3] for s in scores[0] if s[1] == "test"} == {41}  # test: initial, final x2
+        assert scores[0] == scores[1]
+        a, b = (json.loads((run / f"replica-{r}" / "summary.json").read_text()) for run in (one, two))
+        assert a == b
 
 
 NODE_LOCAL = """

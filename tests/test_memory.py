@@ -102,6 +102,25 @@ def test_activation_formula_matches_what_autograd_keeps(family, dtype, checkpoin
         assert planned == pytest.approx(measured, rel=0.02)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma3_text"])
+def test_activation_formula_holds_past_one_cpu_key_block(family, checkpointing):
+    """S + P = 536 keys: past the CPU kernel's 512-key block the prefix path pads the query to a square and keeps
+    what that kernel saves, and a sliding window (Phi-3, Gemma 3's first layer: 8 tokens) that bites past the
+    prefix keeps its [S, P+S] band; the planner counts the same."""
+    from dist_subspace.attention import CPU_KEY_BLOCK
+
+    torch.manual_seed(0)
+    config = DECODER_CONFIGS[family]()
+    backbone = AutoModelForCausalLM.from_config(config).eval()
+    shape = memory.model_shape(config.to_dict())
+    batch, seq, prefix = 1, 520, 16
+    assert seq + prefix > CPU_KEY_BLOCK
+    measured = saved_by_autograd(backbone, batch, seq, prefix, checkpointing)
+    planned = memory.saved_activation_bytes(shape, batch, seq, prefix, 4, checkpointing)
+    assert planned == (measured if family != "gemma3_text" else pytest.approx(measured, rel=0.02))
+
+
 def test_deepspeed_estimator_agrees():
     """DeepSpeed's ZeRO-3 estimator, called with our parameter counts, gives our figures; and with nothing but the
     largest module gathered, the backbone shard plus the gathered parameters is its optimizer-offloaded figure."""

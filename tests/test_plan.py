@@ -86,6 +86,29 @@ def test_unknown_family_is_refused(capsys, tmp_path):
     assert "the planner does not know model_type 'gpt2'" in capsys.readouterr().err
 
 
+def test_an_auto_that_nothing_fills_is_one_line_in_plan_and_train(capsys, tmp_path):
+    """Accelerate fills the bucket sizes' "auto", not stage3_max_live_parameters': refused by name, not a traceback,
+    by the planner and by the trainer's DeepSpeed check alike; the keys Accelerate fills stay accepted."""
+    import torch
+
+    from dist_subspace.config import ConfigError, load_config
+    from dist_subspace.engine import check_ds_config
+
+    zero = {"stage": 3, "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
+    filled = tmp_path / "filled.json"
+    filled.write_text(json.dumps({"zero_optimization": zero}))
+    assert plan_json(capsys, "--model", "llama-3.1-8b", "--ds-config", str(filled))["fits"]
+    ds = {"zero_optimization": {**zero, "stage3_max_live_parameters": "auto"}}
+    unfilled = tmp_path / "unfilled.json"
+    unfilled.write_text(json.dumps(ds))
+    assert main(["--model", "llama-3.1-8b", "--ds-config", str(unfilled)]) == 2
+    err = capsys.readouterr().err
+    message = 'sets zero_optimization.stage3_max_live_parameters="auto", which nothing fills'
+    assert err.startswith(f"error: --ds-config {unfilled} {message}") and err.count("\n") == 1
+    with pytest.raises(ConfigError, match=message):
+        check_ds_config(ds, load_config(None, []), torch.float32, 1, cuda=False)
+
+
 def test_sizes_parse():
     assert parse_bytes("80GiB") == 80 * 2**30 and parse_bytes("80GB") == 80 * 10**9 and parse_bytes("1024") == 1024
 

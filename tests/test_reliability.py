@@ -674,6 +674,10 @@ TRAIN_CASES = {
     ),
     "a checkpoint file cut short": (_truncated_checkpoint, "simplex.safetensors is truncated or corrupt"),
     "a checkpoint file corrupted": (_corrupted_checkpoint, "optimizer.safetensors is truncated or corrupt (its sha256"),
+    "a checkpoint without its checksums": (
+        lambda c: ((c.run_copy() / "checkpoints/step-12/checksums.json").unlink(), ["train.resume=auto"])[1],
+        "checksums.json is missing (format 2 folders are always sealed with it)",
+    ),
 }
 
 
@@ -758,14 +762,24 @@ EVALUATE_CASES = {
         "simplex.safetensors is truncated or corrupt (its sha256 differs from checksums.json)",
     ),
     "final/ cut short, written before checksums": (
-        lambda c: (
-            _damage(c.run_copy() / "final/simplex.safetensors", cut=True),
-            (c.watch / "final/checksums.json").unlink(),
-            c.watch,
-        )[2],
+        lambda c: (_damage(_before_formats(c.run_copy() / "final", "simplex_config.json"), cut=True), c.watch)[1],
         "simplex.safetensors is truncated or corrupt (Error while deserializing header",
     ),
+    "final/ without its checksums": (
+        lambda c: ((c.run_copy() / "final/checksums.json").unlink(), c.watch)[1],
+        "checksums.json is missing (format 2 folders are always sealed with it)",
+    ),
 }
+
+
+def _before_formats(folder: Path, manifest: str) -> Path:
+    """Make ``folder`` look written before run-folder formats: no checksums.json, no "format" in its manifest.
+    Returns its simplex.safetensors."""
+    (folder / "checksums.json").unlink()
+    state = json.loads((folder / manifest).read_text())
+    del state["format"]
+    (folder / manifest).write_text(json.dumps(state))
+    return folder / "simplex.safetensors"
 
 
 @pytest.mark.slow

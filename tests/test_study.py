@@ -1,10 +1,14 @@
 """The study command: a 2-unit grid on the small decoder, interrupted and resumed to the same table."""
 
 import json
+import math
 import shutil
+import statistics
 
 import pytest
 
+from dist_subspace.config import load_config
+from dist_subspace.study import StudySpec, Unit, as_overrides, run_overrides
 from dist_subspace.study import main as study_main
 from dist_subspace.study_report import paired, rebuild, select_lrs
 
@@ -22,6 +26,7 @@ def _spec(tmp_path, small_assets, out) -> list[str]:
         "train.save_every": 2,
         "train.log_every": 2,
         "eval.landscape": False,
+        "data.template": TEMPLATE,  # a user's own prompt: braces, a colon, a newline
     }
     spec = tmp_path / "study.yaml"
     spec.write_text(
@@ -41,6 +46,9 @@ def _spec(tmp_path, small_assets, out) -> list[str]:
     return [str(spec)]
 
 
+TEMPLATE = "Review: {text}\nSentiment:"
+
+
 def _table(out) -> dict:
     record = json.loads((out / "study.json").read_text())
     return {"table": record["table"], "selected_lr": record["selected_lr"]}
@@ -58,6 +66,8 @@ def test_study_interrupted_and_resumed_gives_the_same_table(small_assets, tmp_pa
     assert all(r[next(iter(r))]["n"] == 2 for r in rows.values())  # 2 seeds each
     assert rows["k3"]["vs_k1"]["n"] == 2
     assert (whole / "study.png").read_bytes()[:4] == b"\x89PNG"
+    for config in whole.rglob("replica-0/config.yaml"):  # every run got the template as written
+        assert load_config(config).data.template == TEMPLATE
 
     # Interrupted: one unit done, then stop; the second unit dies after its step-2 checkpoint.
     assert study_main([*_spec(tmp_path, small_assets, broken), "--stop-after", "1"]) == 0
@@ -91,7 +101,22 @@ def test_learning_rate_is_picked_on_dev_and_paired_test():
     result = paired({0: 0.8, 1: 0.7, 2: 0.9}, {0: 0.7, 1: 0.7, 2: 0.6})
     assert result["n"] == 3 and result["wins"] == 2 and result["ties"] == 1
     assert result["mean_diff"] == pytest.approx(0.1333333)
-    assert 0 < result["t_p"] < 1
+    # Differences 0.1, 0, 0.3: t = mean / (sd / sqrt 3) = 1.5119 on 2 degrees of freedom, whose two-sided p has a
+    # closed form (Student's t with 2 df: F(t) = 1/2 + t / (2 sqrt(2 + t^2))).
+    t = 0.4 / 3 / (statistics.stdev([0.1, 0.0, 0.3]) / math.sqrt(3))
+    assert result["t_p"] == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), rel=1e-6)
+    assert result["t_p"] == pytest.approx(0.26970, abs=1e-5)
+    # Wilcoxon drops the zero: two positive differences, ranks 1 and 2, W- = 0; exactly 1 of the 4 sign patterns
+    # is as extreme on each side, so p = 2 / 4.
+    assert result["wilcoxon_p"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("value", ["{text} It was", "Review: {text}", "{text}\nLabel: {text_pair}\n", "a: b"])
+def test_every_override_value_reaches_the_trainer_as_written(tmp_path, value):
+    spec = StudySpec(base={"data.template": value, "train.max_steps": 3}, tasks=["rotten_tomatoes"], models=["m"])
+    (run,) = run_overrides(spec, Unit("rotten_tomatoes", "m", "k1", 0.01), tmp_path)
+    cfg = load_config(None, as_overrides(run))
+    assert cfg.data.template == value and cfg.train.max_steps == 3 and cfg.train.output_dir == run["train.output_dir"]
 
 
 def test_bad_study_specs_are_refused(tmp_path, capsys):

@@ -104,6 +104,37 @@ def test_resume_ends_with_the_same_simplex(finished_run, small_assets, tmp_path)
     assert len(keys) == len(set(keys))  # rows logged after the checkpoint were dropped, then logged once
 
 
+def test_resuming_an_older_checkpoint_sets_the_abandoned_trajectory_aside_and_applies_a_new_lr(
+    finished_run, small_assets, tmp_path, capsys
+):
+    """Resume at step 6 while step-12 exists, keeping one checkpoint, at twice the learning rate: the old step-12
+    and the rows logged after step 6 move aside (kept), the new run's step-12 is not deleted as older, the log
+    holds one trajectory, and the new rate is the one used."""
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    old_rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    args = [f"train.resume={out / 'checkpoints/step-6'}", "train.keep_checkpoints=1", "train.lr=0.02"]
+    assert main(run_args(model_dir, data, out, "simplex.vertices=3", "eval.landscape=false", *args)) == 0
+    printed = capsys.readouterr().out
+    (aside,) = (out / "abandoned").iterdir()
+    assert f"resuming at step 6: set aside step-12 and {sum(r['step'] > 6 for r in old_rows)} metrics row" in printed
+    assert "train.lr changed on resume: 0.01 -> 0.02, applied from step 7" in printed
+    old12 = load_file(str(finished_run / "checkpoints/step-12/simplex.safetensors"))
+    torch.testing.assert_close(load_file(str(aside / "step-12/simplex.safetensors")), old12, rtol=0, atol=0)
+    assert "step-12" in {p.name for p in (out / "checkpoints").iterdir()}  # the new one, kept
+    new12 = load_file(str(out / "checkpoints/step-12/simplex.safetensors"))
+    assert not torch.equal(new12["prefix.vertices"], old12["prefix.vertices"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    keys = [(r["step"], r["split"]) for r in rows]
+    assert len(keys) == len(set(keys))
+    set_aside = [json.loads(line) for line in (aside / "metrics.jsonl").read_text().splitlines()]
+    assert set_aside == [r for r in old_rows if r["step"] > 6]
+    lr = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
+    old_lr = {r["step"]: r["lr"] for r in old_rows if r["split"] == "train"}
+    assert lr[6] == old_lr[6] and lr[8] == pytest.approx(2 * old_lr[8]) and lr[12] == pytest.approx(2 * old_lr[12])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
