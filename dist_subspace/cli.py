@@ -1,7 +1,8 @@
-"""What the two command-line entry points (train, evaluate) share: one-line errors and a clean exit."""
+"""What the command-line entry points share: one-line errors, an argument parser that says them, a clean exit."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import NoReturn
@@ -10,6 +11,14 @@ from dist_subspace.config import ConfigError
 
 # Mistakes a user can make (a bad key, a missing file or model, a task that does not fit): a message, no traceback.
 USER_ERRORS = (ConfigError, ValueError, OSError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes are one line, ``error: ...``, and exit status 2 (not a usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def user_error(err: BaseException) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from dist_subspace.cli import USER_ERRORS, exit_now, user_error
 from dist_subspace.config import ConfigError, check_eval_mode, load_config
-from dist_subspace.evaluation import evaluate, write_landscape
-from dist_subspace.preflight import check_model_folder, check_run_folder
+from dist_subspace.evaluation.scoring import evaluate, write_landscape
+from dist_subspace.training.preflight import check_model_folder, check_run_folder
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     except ConfigError as err:
         return user_error(err)
-    from dist_subspace.assembly import build
-    from dist_subspace.checkpoint import load_simplex_tensors, read_tensors
-    from dist_subspace.engine import Engine
+    from dist_subspace.training.assembly import build
+    from dist_subspace.training.checkpoint import load_simplex_tensors, read_tensors
+    from dist_subspace.training.engine import Engine
 
     engine = None
     try:

@@ -108,7 +108,7 @@ def generate_ids(
 
 def read_vertices(run_dir: str | Path) -> torch.Tensor:
     """A finished run's vertices ``[K, L, 2, H_kv, P, D]`` (float32); a cut-short or corrupt file is one line."""
-    from dist_subspace.checkpoint import CheckpointError, read_tensors, verify_folder
+    from dist_subspace.training.checkpoint import CheckpointError, read_tensors, verify_folder
 
     weights = Path(run_dir) / "final" / "simplex.safetensors"
     if not weights.is_file():

@@ -10,7 +10,7 @@ AdamW state, whether the total fits, the smallest change that makes it fit, and 
 for comparison. ``--model`` takes a config.json, a model folder, an embedded alias or a hub id whose config ships in
 ``configs/models/`` (no hub access needed). ``--config`` reads the model, micro-batch, P, K, checkpointing, input
 length and DeepSpeed config from a run config; flags override it. The arithmetic lives in
-:mod:`dist_subspace.memory`.
+:mod:`dist_subspace.training.memory`.
 """
 
 from __future__ import annotations
@@ -21,13 +21,11 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from dist_subspace import memory
 from dist_subspace.cli import USER_ERRORS, user_error
 from dist_subspace.config import ConfigError, load_config
+from dist_subspace.paths import DS_CONFIGS, MODEL_CONFIGS, shown
+from dist_subspace.training import memory
 
-ROOT = Path(__file__).resolve().parents[1]
-MODEL_CONFIGS = ROOT / "configs" / "models"
-DS_CONFIGS = ROOT / "ds_configs"
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}
 UNITS.update({"GIB": 2**30, "TIB": 2**40})
 
@@ -59,7 +57,7 @@ def model_config(name: str) -> tuple[dict, str]:
         return json.loads(path.read_text()), str(path)
     known = shipped_models()
     if name in known:
-        return json.loads(known[name].read_text()), str(known[name].relative_to(ROOT))
+        return json.loads(known[name].read_text()), shown(known[name])
     shipped = sorted(p.stem for p in MODEL_CONFIGS.glob("*.json"))
     raise ConfigError(
         f"--model {name!r}: no config.json there and not a model whose config ships in configs/models/ "
@@ -93,9 +91,7 @@ def deepspeed_settings(name: str | None) -> dict:
         "max_live_parameters": number("stage3_max_live_parameters", 1_000_000_000),
         "prefetch_bucket": number("stage3_prefetch_bucket_size", 50_000_000),
         "persistence_threshold": number("stage3_param_persistence_threshold", 100_000),
-        "source": str(candidate.resolve().relative_to(ROOT))
-        if candidate.resolve().is_relative_to(ROOT)
-        else str(candidate),
+        "source": shown(candidate),
     }
 
 

@@ -15,12 +15,12 @@ import json
 import os
 from pathlib import Path
 
-from dist_subspace.checkpoint import latest_checkpoint, recover_interrupted_saves
 from dist_subspace.cli import USER_ERRORS, collective_failure, exit_now, run_stopped, user_error
 from dist_subspace.config import Config, ConfigError, load_config
-from dist_subspace.guards import RunStopped
-from dist_subspace.preflight import check_output_dir, check_train, is_main_rank
-from dist_subspace.recipe import Recipe
+from dist_subspace.training.checkpoint import latest_checkpoint, recover_interrupted_saves
+from dist_subspace.training.guards import RunStopped
+from dist_subspace.training.preflight import check_output_dir, check_train, is_main_rank
+from dist_subspace.training.recipe import Recipe
 
 
 def prepare_output_dir(cfg: Config) -> None:

@@ -18,4 +18,4 @@ if [[ -z "$python" ]]; then
 fi
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 # Well inside the 8 minutes; the JSON is rewritten after every part, so a cut run keeps what it measured.
-timeout 450 "$python" -m dist_subspace.gpu_check "${dry[@]}" --out "$out"
+timeout 450 "$python" -m benchmarks.gpu_check "${dry[@]}" --out "$out"

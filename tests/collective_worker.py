@@ -19,8 +19,8 @@ import torch
 
 from dist_subspace.cli import run_stopped
 from dist_subspace.config import load_config
-from dist_subspace.engine import Engine
-from dist_subspace.guards import NonFiniteGuard, RunStopped
+from dist_subspace.training.engine import Engine
+from dist_subspace.training.guards import NonFiniteGuard, RunStopped
 
 
 def main() -> None:

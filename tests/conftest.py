@@ -86,6 +86,7 @@ def run_args(model_dir, data_file, out_dir, *extra: str) -> list[str]:
     return [
         f"model.name_or_path={model_dir}",
         f"data.task={data_file}",
+        "model.dtype=float32",  # exact comparisons (resume, world sizes, PEFT); auto would be bf16 on bf16 CPUs
         "data.shots_per_class=8",
         "data.test_size=41",
         f"train.output_dir={out_dir}",

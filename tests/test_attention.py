@@ -331,7 +331,7 @@ def test_gradient_checkpointing_on_the_prefix_path_equals_the_default_path(famil
 
 
 def test_the_planner_counts_the_same_cpu_key_block():
-    from dist_subspace import memory
+    from dist_subspace.training import memory
 
     assert memory.CPU_KEY_BLOCK == attention.CPU_KEY_BLOCK
 

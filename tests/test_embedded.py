@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from dist_subspace.batching import Collator, label_token_ids
-from dist_subspace.data import load_splits
+from dist_subspace.data.batching import Collator, label_token_ids
+from dist_subspace.data.sources import load_splits
 from dist_subspace.embedded import resolve_model
 from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 

@@ -1,16 +1,14 @@
 """The planner command: what it reads (config.json, folder, alias, hub id, run config, DeepSpeed JSON), what it
-prints (one JSON object, or a table), its one-line errors; and the README's plans are its current output."""
+prints (one JSON object, or a table), its one-line errors; and docs/scale.md's plans are its current output."""
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from dist_subspace.paths import CHECKOUT as ROOT
 from dist_subspace.plan import main, parse_bytes
 from tests.conftest import tiny_backbone
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def plan_json(capsys, *argv: str) -> dict:
@@ -92,7 +90,7 @@ def test_an_auto_that_nothing_fills_is_one_line_in_plan_and_train(capsys, tmp_pa
     import torch
 
     from dist_subspace.config import ConfigError, load_config
-    from dist_subspace.engine import check_ds_config
+    from dist_subspace.training.engine import check_ds_config
 
     zero = {"stage": 3, "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
     filled = tmp_path / "filled.json"
@@ -115,11 +113,11 @@ def test_sizes_parse():
 
 @pytest.mark.parametrize("name", ["llama3_8b_sst2", "llama3_70b_sst2"])
 def test_readme_shows_the_current_plans(capsys, name):
-    """The README's plan blocks are exactly what the command prints now."""
+    """docs/scale.md's plan blocks are exactly what the command prints now."""
     argv = ["--config", f"configs/{name}.yaml", "--gpus", "8", "--gpu-memory", "80GB", "--table"]
     assert main(argv) == 0
     printed = capsys.readouterr().out.strip()
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "scale.md").read_text()
     block = re.search(rf"python -m dist_subspace.plan --config configs/{name}.yaml [^\n]*\n(.*?)\n```", readme, re.S)
-    assert block is not None, f"README has no plan block for {name}"
+    assert block is not None, f"docs/scale.md has no plan block for {name}"
     assert block.group(1).strip() == printed

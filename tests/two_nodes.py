@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from dist_subspace.paths import CHECKOUT as ROOT
+
 BIN = Path(sys.executable).parent
 
 

@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from dist_subspace import attention
-from dist_subspace.assembly import build, initialise
 from dist_subspace.cli import exit_now
 from dist_subspace.config import load_config
-from dist_subspace.engine import Engine
+from dist_subspace.training.assembly import build, initialise
+from dist_subspace.training.engine import Engine
 
 
 def left_padded(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,6 +33,7 @@ def main(model_dir: str, data: str, out: str) -> int:
         "data.shots_per_class=8",
         "data.test_size=8",
         "engine.deepspeed=zero3_bf16",
+        "model.dtype=float32",  # compared with the default path at fp32 tolerances
         "model.gradient_checkpointing=true",
     ]
     cfg = load_config(None, overrides)

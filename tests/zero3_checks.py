@@ -95,13 +95,14 @@ def compare_with_shards(full: dict[str, torch.Tensor], folder: Path) -> dict:
 
 def zero3_engine():
     from dist_subspace.config import load_config
-    from dist_subspace.engine import Engine
+    from dist_subspace.training.engine import Engine
 
-    return Engine(load_config(None, ["engine.deepspeed=zero3_bf16", f"train.micro_batch_size={GLOBAL_BATCH // 2}"]))
+    overrides = ["engine.deepspeed=zero3_bf16", "model.dtype=float32", f"train.micro_batch_size={GLOBAL_BATCH // 2}"]
+    return Engine(load_config(None, overrides))  # fp32: compared with one process at fp32 tolerances
 
 
 def families(models: Path, out: Path) -> None:
-    from dist_subspace.engine import parameter_counts
+    from dist_subspace.training.engine import parameter_counts
 
     engine = zero3_engine()
     for family in FAMILIES:

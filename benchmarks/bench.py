@@ -1,0 +1,141 @@
+"""Speed and memory side by side: ``python -m benchmarks.bench [--sides limit,peft,k1,k3,k6] [--table]``.
+
+Every side trains on the same frozen model, batch, sequence length, prefix length P, dtype and loss (the
+verbalizer's cross-entropy at the last position); their steps are timed interleaved, round by round:
+
+- ``limit``: the least work a prefix method can do: frozen forward + backward down to the input embeddings;
+- ``peft``: PEFT ``PrefixTuning`` (CAUSAL_LM) with the same P, AdamW on its prefix;
+- ``k1``, ``k3``, ``k6``: this project with K = 1, 3, 6 (``example_layer`` sampling, regulariser on).
+
+Prints one JSON object (``--table``: a readable table): each side's median and minimum step time, tokens/s,
+its time over ``limit``, ``peft`` and ``k1``, its peak memory measured in a fresh process, the sampler + mixer
+share of a K = 3 step, the proof that both compile with ``fullgraph=True``, and the issue's targets.
+
+``--evaluation``: S points stacked into one pass against one pass per point, 2 processes ZeRO-3 (see
+:mod:`benchmarks.evaluation`).
+
+``--distributed``: 1 process against 2 processes with ZeRO-3 over gloo, through the trainer (see
+:mod:`benchmarks.distributed`).
+
+    python -m benchmarks.bench --seq-len 256 --table
+    python -m benchmarks.bench --model llama-1b --dtype bfloat16 --device cuda --seq-len 2048
+    python -m benchmarks.bench --model 'config:{"num_hidden_layers": 4, "hidden_size": 256, ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchmarks.sides import MODEL_CONFIGS, SIDES, BenchSpec
+from dist_subspace.cli import OneLineParser
+
+
+def _positive(flag: str, value: int, least: int = 1) -> None:
+    if value < least:
+        raise ValueError(f"{flag} must be >= {least} (got {value})")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = OneLineParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--sides", default="limit,peft,k1,k3,k6", help=f"comma-separated, from {', '.join(SIDES)}")
+    p.add_argument(
+        "--model",
+        default="smollm2-135m",
+        help=f"embedded alias, folder or hub id; or built from a config: {', '.join(MODEL_CONFIGS)}, "
+        "config:{json} or config:file.json",
+    )
+    p.add_argument("--batch", type=int, default=None, help="rows per step (8); --evaluation: per forward (32)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per row (fixed length, cut from real text)")
+    p.add_argument("--prefix-length", type=int, default=16, help="P")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--rounds", type=int, default=10, help="timed rounds (one step of every side each)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--compile", default="inductor", choices=["inductor", "eager", "off"], help="backend for the proof")
+    p.add_argument("--clock", default="auto", choices=["auto", "wall", "cpu"], help="auto: cpu time on 1 CPU thread")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurements")
+    p.add_argument("--table", action="store_true", help="a readable table instead of JSON")
+    p.add_argument("--distributed", action="store_true", help="1 process vs 2 processes ZeRO-3 through the trainer")
+    p.add_argument("--steps", type=int, default=8, help="--distributed: optimizer steps per run")
+    p.add_argument("--keep", default=None, help="--distributed: keep the run folders under this folder")
+    p.add_argument("--evaluation", action="store_true", help="stacked vs per-point evaluation, 2 processes ZeRO-3")
+    p.add_argument("--points", type=int, default=8, help="--evaluation: S of ensemble:S")
+    p.add_argument("--examples", type=int, default=32, help="--evaluation: examples scored (32: a few-shot dev set)")
+    p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the fresh process of one side
+    return p.parse_args(argv)
+
+
+def spec_from_args(args: argparse.Namespace) -> BenchSpec:
+    """Check the flags (a ``ValueError`` that says how to fix one) and make the spec."""
+    sides = tuple(s.strip() for s in args.sides.split(",") if s.strip())
+    unknown = [s for s in sides if s not in SIDES]
+    if not sides or unknown or len(set(sides)) != len(sides):
+        raise ValueError(f"--sides {args.sides!r}: give distinct names from {', '.join(SIDES)}")
+    if args.batch is None:
+        args.batch = 32 if args.evaluation else 8
+    _positive("--batch", args.batch)
+    _positive("--seq-len", args.seq_len, 2)
+    _positive("--prefix-length", args.prefix_length)
+    _positive("--rounds", args.rounds)
+    _positive("--warmup", args.warmup, 0)
+    _positive("--steps", args.steps, 3)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: no CUDA device here; use --device cpu")
+    return BenchSpec(
+        model=args.model,
+        batch=args.batch,
+        seq_len=args.seq_len,
+        prefix_length=args.prefix_length,
+        dtype=args.dtype,
+        device=args.device,
+        sides=sides,
+        rounds=args.rounds,
+        warmup=args.warmup,
+        compile=args.compile,
+        memory=not args.no_memory,
+        clock=args.clock,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from dist_subspace.cli import user_error
+
+    try:
+        spec = spec_from_args(args)
+        if args.memory_of is not None:
+            from benchmarks.measure import side_memory
+            from benchmarks.sides import build_workload
+
+            workload = build_workload(spec)
+            print(json.dumps(side_memory(SIDES[args.memory_of](workload), spec.torch_device())))
+            return 0
+        if args.evaluation:  # --batch: the rows-per-forward budget (train.eval_batch_size), both sides
+            from benchmarks.evaluation import evaluation_facts, format_evaluation
+
+            result = evaluation_facts(spec.model, args.examples, args.points, args.batch, args.rounds)
+            print(format_evaluation(result) if args.table else json.dumps(result))
+            return 0
+        if args.distributed:
+            from benchmarks.distributed import distributed_facts, format_distributed
+
+            result = distributed_facts(spec.model, args.steps, args.keep)
+            print(format_distributed(result) if args.table else json.dumps(result))
+            return 0
+        from benchmarks.measure import format_table, measure
+
+        result = measure(spec, progress=lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
+    except (ValueError, OSError) as err:
+        return user_error(err)
+    result["command"] = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(format_table(result) if args.table else json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

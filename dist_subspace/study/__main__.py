@@ -1,0 +1,48 @@
+"""Does the simplex generalise better? ``python -m dist_subspace.study STUDY.yaml [key=value ...]``.
+
+python -m dist_subspace.study configs/study_fewshot.yaml --dry-run    # the cells and an estimated time
+python -m dist_subspace.study configs/study_fewshot.yaml              # run (hours on CPU), then report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from dist_subspace.cli import exit_now, user_error
+from dist_subspace.config import ConfigError
+from dist_subspace.study.fanout import LAUNCHERS
+from dist_subspace.study.run import run_study
+from dist_subspace.study.spec import load_spec
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dist_subspace.study", description=__doc__.split("\n")[0])
+    parser.add_argument("spec", help="a study YAML file (see configs/study_fewshot.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value on the spec, e.g. seeds=2 'methods=[k1,k3]'")
+    parser.add_argument("--dry-run", action="store_true", help="print the cells and an estimated time; run nothing")
+    parser.add_argument("--table", action="store_true", help="print the table instead of one JSON object")
+    parser.add_argument("--stop-after", type=int, default=None, help="stop after training this many units")
+    parser.add_argument("--workers", type=int, default=1, help="units trained at once (the cores split between them)")
+    parser.add_argument(
+        "--launcher",
+        default="local",
+        choices=LAUNCHERS,
+        help="local: this machine; slurm: one submitit job per unit (the spec's slurm: parameters); "
+        "submitit-local: the same jobs as local processes",
+    )
+    args = parser.parse_intermixed_args(argv)
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher)
+    except (ConfigError, ValueError, OSError, RuntimeError) as err:
+        return user_error(err)
+    if args.table and "markdown" in result:
+        print(result["markdown"])
+    else:
+        print(json.dumps({k: v for k, v in result.items() if k != "markdown"}))
+    return 0
+
+
+if __name__ == "__main__":
+    exit_now(main())

@@ -1,0 +1,170 @@
+"""The study's report from its cells (one per finished seed run): learning rates picked on dev, mean ± sample SD
+per method and task, each method's paired difference against prefix tuning (K = 1) per task with its 95 % interval,
+over tasks a within-task sign-flip permutation test with Holm's correction over the methods compared, and a plot.
+
+Everything is computed from ``cells`` alone, which ``study.json`` stores: the table is rebuilt without rerunning. A
+(task, model, method) whose learning-rate grid has not finished on every seed is missing, never selected among
+the rates that happen to have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from dist_subspace.files import write_atomic, write_json
+from dist_subspace.study.plot import plot
+from dist_subspace.study.spec import BASELINE, DERIVED, StudySpec
+from dist_subspace.study.stats import holm, mean_sd, paired, sign_flip_test
+
+Key = tuple[str, str, str]  # (task, model, method)
+
+
+def grid_lrs(spec: StudySpec, method: str) -> list[float]:
+    return spec.lora_lrs if method == "lora" else spec.lrs
+
+
+def select_lrs(cells: list[dict], spec: StudySpec) -> dict[Key, float]:
+    """Per (task, model, trained method): the learning rate with the best mean dev score over seeds (ties: the
+    smaller rate), once every rate of its grid has every seed; until then the method has no selection there."""
+    dev: dict[Key, dict[float, list[float]]] = {}
+    for c in cells:
+        dev.setdefault((c["task"], c["model"], c["method"]), {}).setdefault(c["lr"], []).append(c["dev"])
+    chosen = {}
+    for key, by_lr in dev.items():
+        grid = grid_lrs(spec, key[2])
+        if all(len(by_lr.get(lr, [])) == spec.seeds for lr in grid):
+            chosen[key] = max(grid, key=lambda lr, by_lr=by_lr: (statistics.mean(by_lr[lr]), -lr))
+    return chosen
+
+
+def method_scores(cells: list[dict], spec: StudySpec) -> dict[Key, dict[int, float]]:
+    """Test score per seed for each (task, model, method) at its dev-selected learning rate; a derived method
+    (read from another method's runs) at its source's."""
+    chosen = select_lrs(cells, spec)
+    scores: dict[Key, dict[int, float]] = {}
+    for c in cells:
+        if chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
+            continue
+        scores.setdefault((c["task"], c["model"], c["method"]), {})[c["seed"]] = c["test"]
+        for derived, (source, field) in DERIVED.items():
+            if derived in spec.methods and c["method"] == source and c.get(field) is not None:
+                scores.setdefault((c["task"], c["model"], derived), {})[c["seed"]] = c[field]
+    return scores
+
+
+def summarise(spec: StudySpec, cells: list[dict]) -> dict:
+    """The table as data. Per model, per method: per task mean, sample SD and n, and the paired difference from
+    K = 1 with its interval; ``vs_k1``: over the tasks where both ran, the mean of the per-task differences, its
+    sign-flip p-value and the Holm-adjusted one (over the methods compared for that model)."""
+    scores = method_scores(cells, spec)
+    table: dict[str, dict[str, dict[str, Any]]] = {}
+    for model in spec.models:
+        rows = table.setdefault(model, {})
+        for method in spec.methods:
+            row: dict[str, Any] = {}
+            pairs = {}
+            for task in spec.tasks:
+                mine, base = scores.get((task, model, method), {}), scores.get((task, model, BASELINE), {})
+                if not mine:
+                    continue
+                mean, sd = mean_sd(list(mine.values()))
+                row[task] = {"mean": mean, "sd": sd, "n": len(mine)}
+                versus = paired(mine, base) if method != BASELINE else None
+                if versus:
+                    row[task]["vs_k1"] = versus
+                    pairs[task] = [(mine[k], base[k]) for k in sorted(set(mine) & set(base))]
+            if pairs:
+                row["vs_k1"] = sign_flip_test(pairs)
+            if row:
+                rows[method] = row
+        family = {m: r["vs_k1"]["p"] for m, r in rows.items() if "vs_k1" in r}
+        for method, adjusted in holm(family).items():
+            rows[method]["vs_k1"]["p_holm"] = adjusted
+    lrs = {"/".join(k): v for k, v in select_lrs(cells, spec).items()}
+    return {"table": table, "selected_lr": lrs}
+
+
+def _points(value: float) -> str:
+    return f"{100 * value:+.1f}"
+
+
+def markdown(spec: StudySpec, summary: dict) -> str:
+    """Per model: methods x tasks (mean ± SD over seeds, x100; — where not finished), then each method's paired
+    difference from K = 1 per task with its 95 % interval, and over tasks with its p-values (sign flips; Holm)."""
+    out = []
+    for model, rows in summary["table"].items():
+        if not rows:
+            continue
+        head = ["method", *spec.tasks]
+        out += [f"**{model}**: test score ×100, mean ± SD over seeds (n)", ""]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, row in rows.items():
+            cells = [method]
+            for task in spec.tasks:
+                r = row.get(task)
+                cells.append(f"{100 * r['mean']:.1f} ± {100 * r['sd']:.1f} ({r['n']})" if r else "—")
+            out.append("| " + " | ".join(cells) + " |")
+        head = ["method", *spec.tasks, "over tasks (p; Holm)"]
+        out += ["", f"**{model}**: paired difference from {BASELINE}, points [95 % interval] (wins/n)", ""]
+        out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method, row in rows.items():
+            if method == BASELINE:
+                continue
+            cells = [method]
+            for task in spec.tasks:
+                v = row.get(task, {}).get("vs_k1")
+                ci = f"[{_points(v['ci95'][0])}, {_points(v['ci95'][1])}]" if v else ""
+                cells.append(f"{_points(v['mean_diff'])} {ci} ({v['wins']}/{v['n']})" if v else "—")
+            v = row.get("vs_k1")
+            tasks = f", {v['tasks']} tasks" if v else ""
+            cells.append(f"{_points(v['mean_diff'])} (p={v['p']:.3f}; {v['p_holm']:.3f}{tasks})" if v else "—")
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def diversity_curves(cells: list[dict], spec: StudySpec, methods: tuple[str, ...] = ("k3", "k3_centred")) -> dict:
+    """Mean over seeds (at the selected rate) of the vertices' cos^2 (raw, centred) per step, per model/method."""
+    chosen = select_lrs(cells, spec)
+    curves: dict[str, dict[int, list[tuple[float, float]]]] = {}
+    for c in cells:
+        if c["method"] not in methods or chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
+            continue
+        path = Path(c["folder"]) / "metrics.jsonl"
+        for line in path.read_text().splitlines() if path.is_file() else []:
+            row = json.loads(line)
+            if row["split"] == "train" and "cos2" in row:
+                key = f"{c['model']} {c['task']} {c['method']}"
+                curves.setdefault(key, {}).setdefault(row["step"], []).append((row["cos2"], row["cos2_centred"]))
+    return {
+        key: {
+            "steps": sorted(steps),
+            "cos2": [statistics.mean(v[0] for v in steps[s]) for s in sorted(steps)],
+            "cos2_centred": [statistics.mean(v[1] for v in steps[s]) for s in sorted(steps)],
+        }
+        for key, steps in curves.items()
+    }
+
+
+def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str]) -> dict:
+    """Write ``study.json``, ``study.md`` and ``study.png`` under ``root``; returns the summary (+ markdown)."""
+    root.mkdir(parents=True, exist_ok=True)
+    summary = summarise(spec, cells)
+    curves = diversity_curves(cells, spec)
+    text = markdown(spec, summary)
+    record = {"spec": asdict(spec), "model_kinds": kinds, "cells": cells, **summary, "diversity": curves}
+    write_json(root / "study.json", record, indent=1)
+    write_atomic(root / "study.md", text + "\n")
+    plot(spec, summary, curves, root / "study.png")
+    return {**summary, "cells": len(cells), "markdown": text, "output_dir": str(root)}
+
+
+def rebuild(study_json: Path) -> dict:
+    """The report again from a ``study.json`` alone (nothing is rerun)."""
+    record = json.loads(study_json.read_text())
+    spec = StudySpec(**record["spec"])
+    return summarise(spec, record["cells"])

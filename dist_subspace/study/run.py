@@ -1,0 +1,137 @@
+"""Training a study's units and reporting them.
+
+A grid of runs, tasks x models x methods x learning rates x seeds. The seeds of one (task, model, method,
+lr) *unit* are the seed replicas of one run (one backbone load, one forward for all seeds; LoRA runs them
+apart), so each seed is an ordinary run folder ``OUT/task/model/method/lr-X/replica-r``. Resumable: a finished
+unit is kept and skipped, an interrupted one continues from its newest checkpoint. Each method's learning rate
+is picked on dev (best mean dev score over seeds), then its test scores are compared with prefix tuning
+(K = 1), paired by seed. Writes ``study.json`` (every run's numbers: the table is rebuilt from it without
+rerunning anything), ``study.md`` (the table) and ``study.png``; prints one JSON object (``--table``: the table).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from dist_subspace.config import load_config
+from dist_subspace.files import read_json
+from dist_subspace.study.fanout import fan_out
+from dist_subspace.study.report import report
+from dist_subspace.study.spec import (
+    StudySpec,
+    Unit,
+    as_overrides,
+    plan_units,
+    replica_dirs,
+    run_overrides,
+)
+
+# Fallback seconds per replica-run when the study has no timing of its own yet (2-core CPU, one thread,
+# 16 shots, 40 steps, 1,000 test examples): a first guess for --dry-run, replaced by measured times.
+GUESS_SECONDS = {"decoder": 420.0, "encoder": 90.0}
+
+
+def model_kind(name: str) -> str:
+    """``decoder`` or ``encoder``, from the model's config (converting an embedded model once if needed)."""
+    from transformers import AutoConfig
+
+    from dist_subspace.arch import arch_spec
+    from dist_subspace.embedded import resolve_model
+
+    return arch_spec(AutoConfig.from_pretrained(resolve_model(name))).kind
+
+
+def read_summary(folder: Path) -> dict | None:
+    """A seed run's ``summary.json`` if it is complete (a finished run's test score), else None."""
+    summary = read_json(folder / "summary.json")
+    return summary if isinstance(summary, dict) and "test_final" in summary else None
+
+
+def unit_done(spec: StudySpec, unit: Unit, root: Path) -> bool:
+    return all(read_summary(d) is not None for d in replica_dirs(spec, unit, root))
+
+
+def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
+    """Every finished seed's numbers, read back from its run folder."""
+    cells = []
+    for unit in units:
+        if not unit_done(spec, unit, root):
+            continue
+        timing = read_json(unit.folder(root) / "unit.json")
+        seconds = timing.get("seconds") if isinstance(timing, dict) else None
+        for r, folder in enumerate(replica_dirs(spec, unit, root)):
+            summary = read_summary(folder)
+            final = json.loads((folder / "final" / "simplex_config.json").read_text())
+            cell = {**asdict(unit), "seed": spec.first_seed + r, "folder": str(folder), "unit_seconds": seconds}
+            cell.update(dev=final["dev_score"], test=summary["test_final"], selected_step=summary["selected_step"])
+            cell["test_initial"] = summary.get("test_initial")
+            cell["test_final_ensemble"] = summary.get(f"test_final_ensemble:{spec.ensemble}")
+            cell["test_last"] = summary.get("test_last")
+            cell["commit"] = timing.get("commit") if isinstance(timing, dict) else None
+            cells.append(cell)
+    return cells
+
+
+def estimate_seconds(spec: StudySpec, unit: Unit, kind: str, measured: dict[tuple[str, str], float]) -> float:
+    """Seconds a unit will take: the mean measured time of this (task, model)'s units so far, else a guess."""
+    per_seed = measured.get((unit.task, unit.model), GUESS_SECONDS[kind])
+    return per_seed * spec.seeds
+
+
+def _clock(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def run_study(
+    spec: StudySpec, dry_run: bool = False, stop_after: int | None = None, workers: int = 1, launcher: str = "local"
+) -> dict:
+    """Train every unfinished unit (``workers`` at once, through ``launcher``: :mod:`dist_subspace.study.fanout`),
+    then report. Returns the report (see :mod:`dist_subspace.study.report`)."""
+    root = Path(spec.output_dir)
+    kinds = {m: model_kind(m) for m in spec.models}
+    units = plan_units(spec, kinds)
+    for unit in units:  # every run's config is checked before the first one starts
+        for run in run_overrides(spec, unit, root):
+            load_config(None, as_overrides(run))
+    todo = [u for u in units if not unit_done(spec, u, root)]
+    measured: dict[tuple[str, str], list[float]] = {}
+    for cell in collect(spec, units, root):
+        if cell["unit_seconds"] is not None and cell["seed"] == spec.first_seed:
+            measured.setdefault((cell["task"], cell["model"]), []).append(cell["unit_seconds"] / spec.seeds)
+    means = {key: sum(v) / len(v) for key, v in measured.items()}
+    left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in todo) / min(workers, max(len(todo), 1))
+    print(f"[study] {len(units)} units ({len(units) - len(todo)} done), {spec.seeds} seeds each; ~{_clock(left)} left")
+    if dry_run:
+        for i, unit in enumerate(units, 1):
+            state = "done" if unit not in todo else f"~{_clock(estimate_seconds(spec, unit, kinds[unit.model], means))}"
+            print(f"[study] {i:3d} {unit.task} {unit.model} {unit.method} lr={unit.lr:g}: {state}")
+        return {"units": len(units), "todo": len(todo), "estimated_seconds": left}
+    batch = todo if stop_after is None else todo[:stop_after]
+    print(f"[study] training {len(batch)} unit(s) through {launcher}, {workers} at a time", flush=True)
+    failed, started = [], time.perf_counter()
+    for n, done in enumerate(fan_out(spec, batch, root, workers, launcher), 1):
+        unit, seconds = done["unit"], done["seconds"]
+        name = f"{unit.task} {unit.model} {unit.method} lr={unit.lr:g}"
+        if any(done["codes"]):
+            failed.append(name)
+            log = unit.folder(root) / "train.log"
+            print(f"[study] [{n}/{len(batch)}] {name}: FAILED (exit {max(done['codes'])}), see {log}", flush=True)
+            continue
+        tests = [read_summary(d)["test_final"] for d in replica_dirs(spec, unit, root)]
+        means[(unit.task, unit.model)] = seconds / spec.seeds  # the newest unit is the best guess for the next
+        left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in batch[n:]) / workers
+        print(
+            f"[study] [{n}/{len(batch)}] {name}: {_clock(seconds)}, test {sum(tests) / len(tests):.4f} over "
+            f"{len(tests)} seed(s); elapsed {_clock(time.perf_counter() - started)}, ~{_clock(left)} left",
+            flush=True,
+        )
+    if len(batch) < len(todo):
+        print(f"[study] stopped after {stop_after} unit(s), as asked; run again to continue", flush=True)
+    result = report(spec, collect(spec, units, root), root, kinds)
+    if failed:
+        raise RuntimeError(f"{len(failed)} unit(s) failed: {'; '.join(failed)} (their train.log says why)")
+    return result

@@ -1,0 +1,152 @@
+"""The study's grid: its spec (tasks x models x methods x learning rates x seeds), the methods as run overrides, the
+units to train and each unit's runs. Plain data: imports only the config parser."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_subspace.config import ConfigError, build_dataclass, load_tree
+
+# Each trained method: the run overrides that make it. All share the spec's base overrides and step budget.
+METHODS: dict[str, dict[str, Any]] = {
+    "k1": {"simplex.vertices": 1},  # prefix tuning
+    "k3": {"simplex.vertices": 3},  # the simplex, scored at its centroid
+    # The paper's whole method: checkpoint (and learning rate) picked by the sampled dev metric (S draws of a point
+    # per example and per layer, the metric averaged over draws), tested at the centroid. S: the spec's `sampled`.
+    "k3_sampled": {"simplex.vertices": 3, "eval.select_by": "sampled:{sampled}"},
+    "k3_centred": {"simplex.vertices": 3, "simplex.regulariser": "cos2_centred"},
+    "k3_head_apart": {"simplex.vertices": 3, "simplex.regularise_head": True},  # encoders: heads kept apart too
+    "k1_noise": {"simplex.vertices": 1, "simplex.noise": "match"},  # is it just noise injection?
+    "k1_avg_start": {"simplex.vertices": 1, "prefix.init_average": 3},  # is it just the averaged start?
+    "lora": {"simplex.vertices": 1, "model.adapter": "lora"},
+    "head_only": {"simplex.vertices": 1, "simplex.train_prefix": False},  # encoders: the head alone
+}
+# Methods read from another method's runs: no training of their own.
+DERIVED: dict[str, tuple[str, str]] = {
+    "none": ("k3", "test_initial"),  # no training: the initial centroid
+    "k3_ensemble": ("k3", "test_final_ensemble"),  # the trained simplex, ensemble of sampled points
+    "k3_sampled_ensemble": ("k3_sampled", "test_final_ensemble"),  # the paper's method, tested as ensemble:S
+    "k1_last": ("k1", "test_last"),  # controls for selection: the last step's simplex, no dev selection
+    "k3_last": ("k3", "test_last"),
+}
+ENCODER_ONLY = {"head_only", "k3_head_apart"}
+BASELINE = "k1"
+
+
+@dataclass
+class StudySpec:
+    """A study: the grid, the seeds, the learning-rate grids, and overrides shared by every run."""
+
+    output_dir: str = "runs/study"
+    tasks: list[str] = field(default_factory=lambda: ["rotten_tomatoes"])
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    methods: list[str] = field(default_factory=lambda: ["none", "k1", "k3", "k3_ensemble"])
+    seeds: int = 5
+    first_seed: int = 0
+    lrs: list[float] = field(default_factory=lambda: [1e-2])
+    lora_lrs: list[float] = field(default_factory=lambda: [1e-3])
+    ensemble: int = 8  # S of k3_ensemble and k3_sampled_ensemble
+    sampled: int = 8  # S of k3_sampled's dev metric
+    replicas: bool = True  # seeds as replicas of one run (false: one run per seed, to measure what replicas buy)
+    base: dict[str, Any] = field(default_factory=dict)  # run overrides for every cell, e.g. train.max_steps: 40
+    # run overrides for one task's cells, over base: a user file's template, or a protocol a task needs
+    task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # how each training run starts: "{python} -m" (one process), or a launcher such as [torchrun, --nproc_per_node,
+    # "8", -m] or [deepspeed, --num_gpus, "8", --module] for a multi-GPU unit
+    train_command: list[str] = field(default_factory=lambda: ["{python}", "-m"])
+    slurm: dict[str, Any] = field(default_factory=dict)  # submitit parameters, e.g. timeout_min, slurm_partition
+
+    def __post_init__(self) -> None:
+        known = [*METHODS, *DERIVED]
+        for method in self.methods:
+            if method not in known:
+                raise ConfigError(f"study method {method!r} is unknown; use some of {known}")
+        for method, (source, _) in DERIVED.items():
+            if method in self.methods and source not in self.methods:
+                raise ConfigError(f"study method {method} is read from {source}'s runs: add {source} to methods")
+        for task in self.task_overrides:
+            if task not in self.tasks:
+                raise ConfigError(f"task_overrides names {task!r}, which is not among tasks {self.tasks}")
+        if self.seeds < 1 or not self.lrs or not self.tasks or not self.models:
+            raise ConfigError("a study needs seeds >= 1 and at least one task, model and learning rate")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One trained (task, model, method, lr): its seeds are the replicas of one run (or runs apart)."""
+
+    task: str
+    model: str
+    method: str
+    lr: float
+
+    def folder(self, root: Path) -> Path:
+        return root / _slug(self.task) / _slug(self.model) / self.method / f"lr-{self.lr:g}"
+
+
+def _slug(name: str) -> str:
+    return name.strip("/").replace("/", "_")
+
+
+def plan_units(spec: StudySpec, kinds: dict[str, str]) -> list[Unit]:
+    """Every unit to train, in the spec's order (models, tasks, methods, lrs): a model's tasks finish one after the
+    other with every method, so the paired comparisons fill in task by task; cheap models can come first."""
+    units = []
+    for model in spec.models:
+        for task in spec.tasks:
+            for method in spec.methods:
+                if method in DERIVED or (method in ENCODER_ONLY and kinds[model] != "encoder"):
+                    continue
+                for lr in spec.lora_lrs if method == "lora" else spec.lrs:
+                    units.append(Unit(task, model, method, lr))
+    return units
+
+
+def separate_runs(spec: StudySpec, unit: Unit) -> bool:
+    """LoRA has no replicas; ``replicas: false`` runs every seed apart."""
+    return not spec.replicas or unit.method == "lora"
+
+
+def as_overrides(run: dict[str, Any]) -> list[str]:
+    """``key=value`` words that the trainer reads back as written: every value as JSON (valid YAML), so that a
+    string such as a prompt template with braces, a colon or a newline stays a string."""
+    return [f"{key}={json.dumps(value)}" for key, value in run.items()]
+
+
+def run_overrides(spec: StudySpec, unit: Unit, root: Path) -> list[dict[str, Any]]:
+    """The overrides of each training run of ``unit`` (one run, or one per seed), as values."""
+    method = {k: v.format(sampled=spec.sampled) if isinstance(v, str) else v for k, v in METHODS[unit.method].items()}
+    values: dict[str, Any] = {**spec.base, **spec.task_overrides.get(unit.task, {}), **method}
+    values.update({"data.task": unit.task, "model.name_or_path": unit.model, "train.lr": unit.lr})
+    values.update({"train.progress": False, "eval.initial_test": unit.method == "k3"})
+    needed = {field for name, (source, field) in DERIVED.items() if source == unit.method and name in spec.methods}
+    if "test_final_ensemble" in needed:
+        values["eval.extra_test_modes"] = [f"ensemble:{spec.ensemble}"]
+    if "test_last" in needed:
+        values["eval.test_last"] = True
+    folder = unit.folder(root)
+    if separate_runs(spec, unit):
+        runs = [
+            {**values, "train.seed": spec.first_seed + r, "data.seed": spec.first_seed + r} for r in range(spec.seeds)
+        ]
+        for r, run in enumerate(runs):
+            run["train.output_dir"] = str(folder / f"replica-{r}")
+    else:
+        runs = [{**values, "train.seed": spec.first_seed, "data.seed": spec.first_seed}]
+        runs[0].update({"simplex.replicas": spec.seeds, "train.output_dir": str(folder)})
+    return runs
+
+
+def replica_dirs(spec: StudySpec, unit: Unit, root: Path) -> list[Path]:
+    """Each seed's run folder (the unit's folder itself for one seed run as one replica)."""
+    folder = unit.folder(root)
+    if spec.seeds == 1 and not separate_runs(spec, unit):
+        return [folder]
+    return [folder / f"replica-{r}" for r in range(spec.seeds)]
+
+
+def load_spec(path: str | None, overrides: list[str]) -> StudySpec:
+    return build_dataclass(StudySpec, load_tree(path, overrides, what="study"))

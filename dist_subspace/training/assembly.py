@@ -1,0 +1,113 @@
+"""Config -> data, tokenizer and the model with its backbone loaded (sharded under ZeRO-3) and wrapped.
+
+Also the per-replica view of a config: replica r of a run with ``simplex.replicas=R`` is exactly the run with
+seeds ``train.seed + r`` and ``data.seed + r`` and one replica, which is what its folder's ``config.yaml`` says.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from dist_subspace.arch import arch_spec
+from dist_subspace.config import Config, ConfigError
+from dist_subspace.data.batching import Collator, label_token_ids
+from dist_subspace.data.sources import load_splits
+from dist_subspace.data.tasks import FewShotSplits
+from dist_subspace.embedded import resolve_model
+from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.simplex import dirichlet_spread
+from dist_subspace.training.engine import Engine
+from dist_subspace.training.preflight import check_context
+
+
+def replica_config(cfg: Config, replica: int) -> Config:
+    """The one-replica config of seed replica ``replica`` (its own seeds and folder)."""
+    if cfg.simplex.replicas == 1:
+        return cfg
+    one = copy.deepcopy(cfg)
+    one.simplex.replicas = 1
+    one.train.seed = cfg.train.seed + replica
+    one.data.seed = cfg.data.seed + replica
+    one.train.output_dir = str(replica_dir(Path(cfg.train.output_dir), replica, cfg.simplex.replicas))
+    return one
+
+
+def replica_dir(out: Path, replica: int, replicas: int) -> Path:
+    """Where replica ``replica``'s run folder lives: the run folder itself when R = 1."""
+    return out if replicas == 1 else out / f"replica-{replica}"
+
+
+def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, PrefixSubspaceModel, str]:
+    """Data of every replica, tokenizer and the model with its backbone loaded (sharded under ZeRO-3) and
+    wrapped; the simplex is on the device but not initialised (see :func:`initialise`)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    data = vars(cfg.data)
+    with engine.main_process_first():  # a hub data set downloads once; the other ranks read the cache
+        splits = [load_splits(**{**data, "seed": cfg.data.seed + r}) for r in range(cfg.simplex.replicas)]
+    task = splits[0].task
+    with engine.main_process_first():  # the first rank converts an embedded model once; the rest read it
+        path = resolve_model(cfg.model.name_or_path)
+    trust = cfg.model.trust_remote_code  # off unless the config sets it (then said in the log)
+    model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    decoder = arch_spec(model_config).kind == "decoder"
+    check_context(model_config, cfg.model.max_length, cfg.prefix.length, decoder)
+    if cfg.model.adapter == "lora" and engine.partitioned:
+        raise ConfigError("model.adapter=lora runs with a replicated backbone: drop ZeRO-3 (engine.deepspeed)")
+    if decoder and cfg.simplex.regularise_head:
+        raise ConfigError("simplex.regularise_head=true needs an encoder's head; a decoder's verbalizer is fixed")
+    if decoder and not cfg.simplex.train_prefix and cfg.model.adapter == "prefix":
+        raise ConfigError("simplex.train_prefix=false leaves a decoder nothing to train (its verbalizer is fixed)")
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
+    collator = Collator(tokenizer, task, decoder, cfg.model.max_length)
+    words = label_token_ids(tokenizer, task.label_words) if decoder else None  # refused before the backbone loads
+    backbone = engine.load_backbone(path, decoder)
+    k, p, r = cfg.simplex.vertices, cfg.prefix.length, cfg.simplex.replicas
+    if decoder:
+        model = PrefixSubspaceModel(backbone, k, p, label_token_ids=words, replicas=r)
+    else:
+        model = PrefixSubspaceModel(backbone, k, p, num_outputs=task.head_outputs, replicas=r)
+    if cfg.model.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    model.place(engine.device)
+    if cfg.model.adapter == "lora":
+        from dist_subspace.lora import add_lora
+
+        add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.train.seed)
+    if not cfg.simplex.train_prefix:
+        model.simplex.vertices.requires_grad_(False)
+    model.backbone = engine.wrap_backbone(backbone)
+    return splits, collator, model, path
+
+
+@torch.no_grad()
+def initialise(cfg: Config, model: PrefixSubspaceModel, tokenizer, engine: Engine) -> torch.Tensor | None:
+    """Give each replica r its independent start from seed ``train.seed + r`` (vertices, head), identical on
+    every rank. Returns the per-replica, per-layer noise level ``[R, L]`` when ``simplex.noise=match`` (the
+    Dirichlet(1) spread of a ``simplex.noise_match_vertices``-simplex started the same way), else None."""
+    k = cfg.simplex.vertices
+    special, vocab = tokenizer.all_special_ids, len(tokenizer)
+    vertices, head = model.simplex.vertices, model.simplex.head
+    noise = [] if cfg.simplex.noise == "match" else None
+    for r in range(cfg.simplex.replicas):
+        seed, rows = cfg.train.seed + r, slice(r * k, (r + 1) * k)
+        if model.use_prefix:  # under ZeRO-3 only the engine can run the partitioned backbone: after wrapping
+            init = initial_vertices(
+                model, cfg.prefix.init, seed, cfg.prefix.init_std, special, vocab, average=cfg.prefix.init_average
+            )
+            vertices[rows] = init.to(vertices.device)
+        if head is not None:
+            start = initial_head(k, head.weight.shape[2], head.weight.shape[1], seed)
+            head.weight[rows], head.bias[rows] = start["weight"], start["bias"]
+        if noise is not None:
+            m = cfg.simplex.noise_match_vertices
+            spread = initial_vertices(model, cfg.prefix.init, seed, cfg.prefix.init_std, special, vocab, num_vertices=m)
+            noise.append(dirichlet_spread(spread))
+    for p in model.simplex.parameters():
+        engine.broadcast_(p.data)
+    if noise is None:
+        return None
+    return engine.broadcast_(torch.stack(noise).to(engine.device).contiguous())

@@ -1,0 +1,371 @@
+"""The one door to the distributed world: Accelerate and DeepSpeed live here and nowhere else.
+
+The frozen backbone goes to DeepSpeed (ZeRO-3 partitions it at construction, gathers each layer for its
+forward and backward) or stays a plain replicated module (one process, DDP-style, ZeRO off). The trainable
+simplex never enters DeepSpeed: it is tiny, replicated on every rank in fp32, optimised by a plain torch
+AdamW, and only its gradients are all-reduced (one flat tensor per optimizer step). So every launch form
+runs the same optimizer code, checkpoints are world-size independent, and ranks stay bit-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from torch import nn
+
+from dist_subspace.config import Config, ConfigError
+from dist_subspace.paths import DS_CONFIGS
+from dist_subspace.training.memory import unfilled_auto
+
+
+def resolve_ds_config(name: str) -> Path:
+    """A DeepSpeed JSON by path or by name in ``ds_configs/`` (``zero3_bf16`` or ``zero3_bf16.json``)."""
+    for candidate in (Path(name), DS_CONFIGS / name, DS_CONFIGS / f"{name}.json"):
+        if candidate.is_file():
+            return candidate
+    known = sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
+    raise ConfigError(f"engine.deepspeed={name!r}: no such file; give a path or one of {known}")
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instructions that compute in bf16 natively
+
+
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
+    """The CPU's feature flags (Linux; an empty set where they cannot be read)."""
+    try:
+        with open(cpuinfo) as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def auto_dtype(capability: tuple[int, int] | None, flags: set[str] | frozenset[str] = frozenset()) -> torch.dtype:
+    """bfloat16 where bf16 is native, float32 otherwise: a CUDA GPU of compute capability >= 8.0 (Ampere and
+    later), or without a GPU (``capability`` None) a CPU whose ``flags`` include avx512_bf16 or AMX.
+
+    V100 (7.0) and T4 (7.5) only emulate bf16 (slowly), although ``torch.cuda.is_bf16_supported()`` says yes: they
+    get float32, as do CPUs without bf16 instructions (where bf16 matmuls are slower than fp32). The simplex and its
+    optimizer stay float32 either way; only the frozen backbone and the mixed prefix run in the compute dtype.
+    """
+    if capability is not None:
+        return torch.bfloat16 if capability >= (8, 0) else torch.float32
+    return torch.bfloat16 if any(flag in flags for flag in CPU_BF16_FLAGS) else torch.float32
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    """The backbone's dtype for ``model.dtype``: ``auto`` (see :func:`auto_dtype`), ``float32`` or ``bfloat16``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return auto_dtype(torch.cuda.get_device_capability())
+        return auto_dtype(None, cpu_flags())
+    return getattr(torch, name)
+
+
+def read_ds_config(name: str) -> dict:
+    """A DeepSpeed JSON (:func:`resolve_ds_config`) as a dict; a one-line error naming the file and line if invalid."""
+    path = resolve_ds_config(name)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"engine.deepspeed: {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"engine.deepspeed: cannot read {path} ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"engine.deepspeed: {path} must hold a JSON object, not {type(ds).__name__}")
+    return ds
+
+
+def _explicit(value) -> bool:
+    return value is not None and value != "auto"
+
+
+def _offload_device(zero: dict, key: str) -> str | None:
+    device = (zero.get(key) or {}).get("device")
+    return None if device in (None, "none") else device
+
+
+def check_ds_config(
+    ds: dict, cfg: Config, dtype: torch.dtype, world_size: int, cuda: bool, strict: bool = True
+) -> None:
+    """Refuse DeepSpeed settings that contradict the run config or need a GPU this machine lacks.
+
+    ``strict`` (a JSON the user names with ``engine.deepspeed``): the run config is the one source of truth
+    for batch sizes and dtype, so a value other than ``"auto"`` must agree with it. Not strict (a config that
+    Accelerate built from its own YAML, with its own defaults): those values are overwritten with ours.
+    """
+    zero = ds.get("zero_optimization") or {}
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ConfigError("the DeepSpeed config's zero_optimization.stage must be 0, 1, 2 or 3")
+    problem = unfilled_auto(zero, "the DeepSpeed config")
+    if problem:
+        raise ConfigError(problem)
+    if _offload_device(zero, "offload_optimizer"):
+        raise ConfigError(
+            "the DeepSpeed config offloads an optimizer, but DeepSpeed has none here (the simplex is optimised "
+            "outside it); remove zero_optimization.offload_optimizer"
+        )
+    if not cuda:
+        if _offload_device(zero, "offload_param") == "nvme" or "aio" in ds:
+            raise ConfigError(
+                "the DeepSpeed config offloads to NVMe (async I/O), which needs a GPU machine; on this machine "
+                'without a GPU use zero_optimization.offload_param.device="cpu"'
+            )
+        if (ds.get("amp") or {}).get("enabled"):
+            raise ConfigError("the DeepSpeed config enables amp (NVIDIA apex), which needs a GPU; remove it")
+    if not strict:
+        return
+    t = cfg.train
+    for key, ours, name in (
+        ("train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size"),
+        ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum"),
+    ):
+        if _explicit(ds.get(key)) and ds[key] != ours:
+            raise ConfigError(f'the DeepSpeed config sets {key}={ds[key]} but {name}={ours}; set it to "auto"')
+    total = ds.get("train_batch_size")
+    if _explicit(total):
+        per_step = t.micro_batch_size * t.grad_accum
+        if not isinstance(total, int) or total % world_size:
+            raise ConfigError(
+                f"the DeepSpeed config's train_batch_size={total!r} cannot be divided over {world_size} process(es); "
+                'set it to "auto": the global batch is train.micro_batch_size x train.grad_accum x world size'
+            )
+        if total != per_step * world_size:
+            raise ConfigError(
+                f"the DeepSpeed config's train_batch_size={total} != train.micro_batch_size {t.micro_batch_size} x "
+                f'train.grad_accum {t.grad_accum} x world size {world_size}; set it to "auto"'
+            )
+    for section, wanted in (("bf16", dtype == torch.bfloat16), ("fp16", False)):
+        enabled = (ds.get(section) or {}).get("enabled")
+        if isinstance(enabled, bool) and enabled != wanted:
+            raise ConfigError(
+                f"the DeepSpeed config sets {section}.enabled={str(enabled).lower()} but the compute dtype is "
+                f'{str(dtype).removeprefix("torch.")} (model.dtype={cfg.model.dtype}); set it to "auto"'
+            )
+
+
+def _fill_ds_config(ds: dict, cfg: Config, dtype: torch.dtype, strict: bool = True) -> dict:
+    """Replace DeepSpeed's ``"auto"`` values with ours (one source of truth: the run config)."""
+    check_ds_config(ds, cfg, dtype, int(os.environ.get("WORLD_SIZE", "1")), torch.cuda.is_available(), strict)
+    ds = json.loads(json.dumps(ds))
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds.pop("train_batch_size", None)
+    ds["gradient_clipping"] = cfg.train.max_grad_norm
+    ds.setdefault("bf16", {})["enabled"] = dtype == torch.bfloat16
+    ds.setdefault("fp16", {})["enabled"] = dtype == torch.float16
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"the DeepSpeed config names a {key}; remove it: only the simplex is optimised, by us")
+    return ds
+
+
+def _single_process_env() -> list[str]:
+    """Set what a launcher would for rank 0 of 1 on a free port; returns the names set (end() removes them, so a
+    process started later from this one, a test's subprocess say, does not believe it was launched)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    os.environ.update(env)
+    return list(env)
+
+
+class Engine:
+    """Process group, device, DeepSpeed wrapping of the backbone, and the few collectives the loop needs."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.dtype = compute_dtype(cfg.model.dtype)
+        # Accelerate sets this when given a plugin, and reads it in every later Accelerator: restored by end().
+        self._use_deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED")
+        self.trust_remote_code = cfg.model.trust_remote_code
+        plugin = None
+        if cfg.engine.deepspeed:
+            ds = read_ds_config(cfg.engine.deepspeed)
+            plugin = DeepSpeedPlugin(hf_ds_config=_fill_ds_config(ds, cfg, self.dtype))
+        elif os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            plugin = DeepSpeedPlugin()  # from `accelerate launch --config_file` (its deepspeed_config_file)
+            plugin.deepspeed_config.update(_fill_ds_config(plugin.deepspeed_config, cfg, self.dtype, strict=False))
+        self._set_env: list[str] = []
+        if plugin is not None and "RANK" not in os.environ:
+            self._set_env = _single_process_env()  # plain `python -m` with DeepSpeed: rank 0 of 1 (not MPI discovery)
+        distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or plugin is not None
+        # Without a GPU, accelerate would make every rank "rank 0 of 1" while DeepSpeed sees them all: ask for gloo.
+        # A collective that waits longer than the timeout (a hung peer) raises instead of hanging the job.
+        timeout = timedelta(seconds=cfg.engine.collective_timeout_s)
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if distributed else []
+        self.accelerator = Accelerator(
+            kwargs_handlers=handlers, deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.train.grad_accum
+        )
+        self.deepspeed = plugin is not None
+        self.zero_stage = plugin.zero_stage if plugin is not None else 0
+        # ZeRO-1/2 shard optimizer state and gradients, which a frozen backbone has none of (and DeepSpeed refuses
+        # them without an optimizer): under those stages the backbone is replicated, like plain data parallel.
+        self.partitioned = self.zero_stage == 3
+        # HfDeepSpeedConfig is alive now (made by the plugin): from_pretrained partitions under ZeRO-3.
+
+    # ---- facts -----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def describe(self) -> str:
+        if self.partitioned:
+            mode = "DeepSpeed ZeRO-3: frozen backbone partitioned over ranks"
+        elif self.deepspeed:
+            mode = f"DeepSpeed ZeRO-{self.zero_stage}: frozen backbone replicated (nothing of it to shard)"
+        else:
+            mode = "frozen backbone replicated (no DeepSpeed)"
+        return f"{self.world_size} process(es) on {self.device.type}, {mode}, compute dtype {self.dtype}"
+
+    # ---- the backbone ----------------------------------------------------------------------------
+    def load_backbone(self, path: str, decoder: bool) -> nn.Module:
+        """from_pretrained in the compute dtype; under ZeRO-3 each rank only ever holds its shard. Weights only
+        from safetensors (a pickled .bin can run code), the model's own code only with ``trust_remote_code``."""
+        from transformers import AutoModel, AutoModelForCausalLM
+
+        cls = AutoModelForCausalLM if decoder else AutoModel
+        safe = {"dtype": self.dtype, "use_safetensors": True, "trust_remote_code": self.trust_remote_code}
+        kwargs = {} if decoder else {"add_pooling_layer": False}
+        try:
+            model = cls.from_pretrained(path, **safe, **kwargs)
+        except TypeError:  # families without a pooler
+            model = cls.from_pretrained(path, **safe)
+        model.eval()
+        if not self.partitioned:
+            model.to(self.device)
+        elif not all(hasattr(p, "ds_id") for p in model.parameters()):  # never let a 70B model land whole on a rank
+            raise RuntimeError("ZeRO-3 is on but from_pretrained built the backbone whole on this rank")
+        return model
+
+    def wrap_backbone(self, backbone: nn.Module) -> nn.Module:
+        """Hand the frozen backbone to DeepSpeed (no optimizer: nothing in it trains); returns the module to call.
+
+        ZeRO-3's gather/release hooks live on the module's own submodules, so we call the module, not the
+        engine: the engine's forward adds training bookkeeping for an optimizer it does not have (and then
+        refuses ``loss.backward()``). The engine is kept alive here, with its hooks.
+        """
+        if not self.partitioned:
+            return backbone
+        self.ds_engine = self.accelerator.prepare(backbone)
+        return self.ds_engine.module
+
+    # ---- collectives -----------------------------------------------------------------------------
+    def all_reduce_mean_grads(self, params: Sequence[nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+        """Average the simplex gradients over ranks in one flat all-reduce, ``loss`` (0-d, or one per replica
+        ``[R]``) riding along; returns the mean loss over ranks, shaped like ``loss``."""
+        if self.world_size == 1:
+            return loss
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(-1).to(grads[0].dtype)])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+        return flat[offset:].view_as(loss).to(loss.dtype)
+
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (a picklable Python value, e.g. a checkpoint read from its disk) on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any rank (one all-reduce of one number)."""
+        if self.world_size == 1:
+            return flag
+        count = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(count)
+        return bool(count.item() > 0)
+
+    def broadcast_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Make every rank hold rank 0's ``tensor`` (in place)."""
+        if self.world_size > 1:
+            dist.broadcast(tensor, src=0)
+        return tensor
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (a picklable Python value), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    def main_process_first(self):
+        return self.accelerator.main_process_first()
+
+    def end(self) -> None:
+        """Close the process group and forget this run's Accelerate/DeepSpeed state, so a later run in the
+        same process (a notebook, a test) starts clean instead of inheriting this one's plugin or ZeRO-3."""
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        self.accelerator.end_training()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        AcceleratorState._reset_state(reset_partial_state=True)
+        unset_hf_deepspeed_config()
+        if self._use_deepspeed_env is None:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+        else:
+            os.environ["ACCELERATE_USE_DEEPSPEED"] = self._use_deepspeed_env
+        for name in self._set_env:
+            os.environ.pop(name, None)
+
+
+def comms_records() -> dict[str, dict[str, int]]:
+    """What DeepSpeed's comms logger (``comms_logger`` in the DeepSpeed config) recorded in this process:
+    ``{op: {"calls", "bytes"}}``, message bytes as the logger counts them (for an all-gather, this rank's shard)."""
+    from deepspeed.comm.comm import comms_logger
+
+    rows = {}
+    for op, sizes in comms_logger.get_raw_data().items():  # {op: {message bytes: [calls, latencies, ...]}}
+        rows[op] = {"calls": sum(v[0] for v in sizes.values()), "bytes": sum(s * v[0] for s, v in sizes.items())}
+    return rows
+
+
+def parameter_counts(module: nn.Module) -> tuple[int, int, int]:
+    """(trainable, frozen, bytes of frozen parameters held by this rank); ZeRO-3 shards count ``ds_numel``."""
+    trainable = frozen = local_bytes = 0
+    for p in module.parameters():
+        numel = getattr(p, "ds_numel", p.numel())
+        if p.requires_grad:
+            trainable += numel
+        else:
+            frozen += numel
+            local = p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel()
+            local_bytes += local * p.element_size()
+    return trainable, frozen, local_bytes

@@ -1,0 +1,165 @@
+"""The study command: a 2-unit grid on the small decoder, interrupted and resumed to the same table."""
+
+import json
+import math
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from dist_subspace.config import load_config
+from dist_subspace.study.__main__ import main as study_main
+from dist_subspace.study.report import rebuild, select_lrs
+from dist_subspace.study.spec import StudySpec, Unit, as_overrides, run_overrides
+from dist_subspace.study.stats import holm, paired, sign_flip_test
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path, small_assets, out) -> list[str]:
+    model_dir, data = small_assets
+    base = {
+        "data.shots_per_class": 4,
+        "data.test_size": 20,
+        "train.max_steps": 4,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 2,
+        "train.save_every": 2,
+        "train.log_every": 2,
+        "eval.landscape": False,
+        "data.template": TEMPLATE,  # a user's own prompt: braces, a colon, a newline
+    }
+    spec = tmp_path / "study.yaml"
+    spec.write_text(
+        json.dumps(
+            {
+                "output_dir": str(out),
+                "tasks": [str(data)],
+                "models": [str(model_dir)],
+                "methods": ["none", "k1", "k1_last", "k3", "k3_sampled", "k3_sampled_ensemble"],
+                "seeds": 2,
+                "lrs": [0.01],
+                "ensemble": 2,
+                "sampled": 2,
+                "base": base,
+            }
+        )
+    )
+    return [str(spec)]
+
+
+TEMPLATE = "Review: {text}\nSentiment:"
+
+
+def _table(out) -> dict:
+    record = json.loads((out / "study.json").read_text())
+    return {"table": record["table"], "selected_lr": record["selected_lr"]}
+
+
+def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_assets, tmp_path, capsys):
+    """The paper's method (k3_sampled) beside K = 1 and K = 3: once through submitit's local executor (each unit a
+    job of its own), once through 2 local workers, interrupted after one unit and with a unit killed after its
+    step-2 checkpoint, then resumed. Same table, rebuilt from study.json alone; every cell carries its commit."""
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert study_main([*_spec(tmp_path, small_assets, whole), "--launcher", "submitit-local", "--workers", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "training 3 unit(s) through submitit-local" in printed
+    assert len(list((whole / "submitit").glob("*_result.pkl"))) == 3  # three jobs ran
+    table = _table(whole)
+    (model,) = table["table"]
+    rows = table["table"][model]
+    assert set(rows) == {"none", "k1", "k1_last", "k3", "k3_sampled", "k3_sampled_ensemble"}
+    task = next(iter(rows["k1"]))
+    assert all(r[task]["n"] == 2 for r in rows.values())  # 2 seeds each
+    assert rows["k3_sampled"][task]["vs_k1"]["n"] == 2 and rows["k3_sampled"]["vs_k1"]["tasks"] == 1
+    assert 0 <= rows["k3_sampled"]["vs_k1"]["p"] <= rows["k3_sampled"]["vs_k1"]["p_holm"] <= 1
+    assert (whole / "study.png").read_bytes()[:4] == b"\x89PNG"
+    record = json.loads((whole / "study.json").read_text())
+    assert all(c["commit"] for c in record["cells"])
+    sampled = next(c for c in record["cells"] if c["method"] == "k3_sampled")
+    config = load_config(Path(sampled["folder"]) / "config.yaml")
+    assert config.eval.select_by == "sampled:2" and config.eval.extra_test_modes == ["ensemble:2"]
+    for config in whole.rglob("replica-0/config.yaml"):  # every run got the template as written
+        assert load_config(config).data.template == TEMPLATE
+
+    # Interrupted: one unit done, then stop; then a unit dies after its step-2 checkpoint.
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--stop-after", "1"]) == 0
+    assert "stopped after 1 unit" in capsys.readouterr().out
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--workers", "2"]) == 0
+    capsys.readouterr()
+    unit = next(p for p in broken.rglob("lr-0.01") if p.parent.name == "k3")
+    shutil.rmtree(unit / "checkpoints" / "step-4")
+    for replica in ("replica-0", "replica-1"):
+        shutil.rmtree(unit / replica / "final")
+        (unit / replica / "summary.json").unlink()
+    (unit / "unit.json").unlink()
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--workers", "2"]) == 0
+    assert "resumed from" in (unit / "train.log").read_text()
+    assert "training 1 unit(s)" in capsys.readouterr().out
+    assert _table(broken) == table
+    assert rebuild(broken / "study.json") == table  # the table comes back from study.json alone
+
+    # --dry-run on a finished study: nothing left
+    assert study_main([*_spec(tmp_path, small_assets, broken), "--dry-run"]) == 0
+    assert "3 units (3 done)" in capsys.readouterr().out
+
+
+def test_learning_rate_is_picked_on_dev_and_paired_test():
+    cells = [
+        {"task": "t", "model": "m", "method": "k1", "lr": lr, "seed": s, "dev": dev, "test": 0.5}
+        for lr, dev in ((0.01, 0.6), (0.03, 0.7))
+        for s in (0, 1)
+    ]
+    spec = StudySpec(lrs=[0.01, 0.03], seeds=2)
+    assert select_lrs(cells, spec) == {("t", "m", "k1"): 0.03}
+    assert select_lrs(cells[:-1], spec) == {}  # a rate not finished on every seed: no selection, never a narrower one
+    result = paired({0: 0.8, 1: 0.7, 2: 0.9}, {0: 0.7, 1: 0.7, 2: 0.6})
+    assert result["n"] == 3 and result["wins"] == 2 and result["ties"] == 1
+    assert result["mean_diff"] == pytest.approx(0.1333333)
+    half = 4.302653 * statistics.stdev([0.1, 0.0, 0.3]) / math.sqrt(3)  # t(0.975, 2 df) = 4.302653
+    assert result["ci95"] == pytest.approx([0.4 / 3 - half, 0.4 / 3 + half])
+    # Differences 0.1, 0, 0.3: t = mean / (sd / sqrt 3) = 1.5119 on 2 degrees of freedom, whose two-sided p has a
+    # closed form (Student's t with 2 df: F(t) = 1/2 + t / (2 sqrt(2 + t^2))).
+    t = 0.4 / 3 / (statistics.stdev([0.1, 0.0, 0.3]) / math.sqrt(3))
+    assert result["t_p"] == pytest.approx(2 * (0.5 - t / (2 * math.sqrt(2 + t * t))), rel=1e-6)
+    assert result["t_p"] == pytest.approx(0.26970, abs=1e-5)
+    # Wilcoxon drops the zero: two positive differences, ranks 1 and 2, W- = 0; exactly 1 of the 4 sign patterns
+    # is as extreme on each side, so p = 2 / 4.
+    assert result["wilcoxon_p"] == pytest.approx(0.5)
+
+
+def test_sign_flip_test_is_exact_on_few_pairs_and_keeps_pairs_in_their_tasks():
+    """Task t1: differences 0.1, 0, 0.3; task t2: 0.1, 0.05. The statistic is the mean of the task means,
+    (0.1333 + 0.075) / 2. Of the 2^5 sign patterns, those as extreme are all-positive and all-negative nonzero
+    differences, each twice (the zero flips freely): p = 4 / 32."""
+    result = sign_flip_test({"t1": [(0.8, 0.7), (0.7, 0.7), (0.9, 0.6)], "t2": [(0.5, 0.4), (0.6, 0.55)]})
+    assert result["tasks"] == 2 and result["pairs"] == 5
+    assert result["mean_diff"] == pytest.approx((0.4 / 3 + 0.075) / 2)
+    assert result["p"] == pytest.approx(4 / 32)
+    # Pooling the pairs would weigh t1 by 3/5: the within-task mean differs from the pooled one.
+    assert result["mean_diff"] != pytest.approx(0.55 / 5)
+
+
+def test_holm_matches_the_textbook_step_down():
+    """Holm (1979): p = 0.01, 0.04, 0.03 over 3 hypotheses -> 0.03, then max(0.03, 2 x 0.03) = 0.06, then
+    max(0.06, 1 x 0.04) = 0.06."""
+    assert holm({"a": 0.01, "b": 0.04, "c": 0.03}) == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert holm({"a": 0.6, "b": 0.7}) == {"a": 1.0, "b": 1.0}  # capped at 1
+
+
+@pytest.mark.parametrize("value", ["{text} It was", "Review: {text}", "{text}\nLabel: {text_pair}\n", "a: b"])
+def test_every_override_value_reaches_the_trainer_as_written(tmp_path, value):
+    spec = StudySpec(base={"data.template": value, "train.max_steps": 3}, tasks=["rotten_tomatoes"], models=["m"])
+    (run,) = run_overrides(spec, Unit("rotten_tomatoes", "m", "k1", 0.01), tmp_path)
+    cfg = load_config(None, as_overrides(run))
+    assert cfg.data.template == value and cfg.train.max_steps == 3 and cfg.train.output_dir == run["train.output_dir"]
+
+
+def test_bad_study_specs_are_refused(tmp_path, capsys):
+    spec = tmp_path / "s.yaml"
+    spec.write_text("methods: [k3_ensemble]\n")
+    assert study_main([str(spec), "--dry-run"]) == 2
+    assert "read from k3" in capsys.readouterr().err
+    assert study_main([str(spec), "methodz=[k1]"]) == 2
+    assert "did you mean methods" in capsys.readouterr().err
