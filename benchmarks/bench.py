@@ -17,6 +17,9 @@ share of a K = 3 step, the proof that both compile with ``fullgraph=True``, and 
 ``--distributed``: 1 process against 2 processes with ZeRO-3 over gloo, through the trainer (see
 :mod:`benchmarks.distributed`).
 
+``--dtypes float32,bfloat16``: the same K = 3 training step and evaluation forward in each dtype, interleaved
+(see :mod:`benchmarks.dtypes`): what ``model.dtype=auto`` buys on a CPU with native bf16.
+
     python -m benchmarks.bench --seq-len 256 --table
     python -m benchmarks.bench --model llama-1b --dtype bfloat16 --device cuda --seq-len 2048
     python -m benchmarks.bench --model 'config:{"num_hidden_layers": 4, "hidden_size": 256, ...}'
@@ -61,6 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="--distributed: optimizer steps per run")
     p.add_argument("--keep", default=None, help="--distributed: keep the run folders under this folder")
     p.add_argument("--evaluation", action="store_true", help="stacked vs per-point evaluation, 2 processes ZeRO-3")
+    p.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16: a K = 3 step and evaluation in each")
     p.add_argument("--points", type=int, default=8, help="--evaluation: S of ensemble:S")
     p.add_argument("--examples", type=int, default=32, help="--evaluation: examples scored (32: a few-shot dev set)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the fresh process of one side
@@ -120,6 +124,19 @@ def main(argv: list[str] | None = None) -> int:
 
             result = evaluation_facts(spec.model, args.examples, args.points, args.batch, args.rounds)
             print(format_evaluation(result) if args.table else json.dumps(result))
+            return 0
+        if args.dtypes:  # the same K = 3 step and evaluation forward in each dtype, interleaved
+            from benchmarks.dtypes import dtype_facts, format_dtypes
+
+            names = args.dtypes.split(",")
+            if len(names) < 2 or any(n not in ("float32", "bfloat16") for n in names):
+                raise ValueError(
+                    f"--dtypes {args.dtypes!r}: give two or more of float32, bfloat16, e.g. float32,bfloat16"
+                )
+            eval_batch = args.examples if args.examples != 32 else 64
+            result = dtype_facts(spec.model, names, spec.batch, eval_batch, args.rounds, args.warmup)
+            result["command"] = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+            print(format_dtypes(result) if args.table else json.dumps(result))
             return 0
         if args.distributed:
             from benchmarks.distributed import distributed_facts, format_distributed

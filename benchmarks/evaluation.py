@@ -103,6 +103,8 @@ def _worker(result_path: str, model: str, examples: int, points: int, batch: int
             "cpu_s_all_processes": {name: statistics.median(v) for name, v in cpu.items()},
             "rounds_wall_s": wall,
             "max_abs_logit_diff": diff,
+            "max_abs_logit": max(a.abs().max().item() for a in outputs["per_point"]),
+            "dtype": str(recipe.model.compute_dtype).removeprefix("torch."),
         }
         result["speedup_wall"] = result["wall_s"]["per_point"] / result["wall_s"]["stacked"]
         result["speedup_cpu"] = result["cpu_s_all_processes"]["per_point"] / result["cpu_s_all_processes"]["stacked"]

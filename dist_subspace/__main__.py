@@ -10,6 +10,7 @@ import sys
 COMMANDS = {
     "train": ("dist_subspace.train", "train a prefix subspace (the embedded default without --config)"),
     "evaluate": ("dist_subspace.evaluate", "score a finished run in a mode (centroid, ensemble:S, sampled:S, ...)"),
+    "predict": ("dist_subspace.predict", "label new texts (csv/tsv/jsonl/parquet) with a finished run"),
     "generate": ("dist_subspace.generate", "generate text at a point of a decoder's simplex"),
     "plan": ("dist_subspace.plan", "plan the memory of a run per GPU, before renting the GPUs"),
     "study": ("dist_subspace.study.__main__", "run a grid of methods x tasks x seeds and its statistics"),

@@ -48,14 +48,20 @@ class ModelConfig:
 @dataclass
 class PrefixConfig:
     length: int = 8  # P prefix tokens per layer
-    init: str = "activations"  # activations: the frozen model's own K/V of P random tokens; normal: N(0, std^2)
+    # activations: the frozen model's own K/V of P random tokens; normal: N(0, std^2); peft:PATH: a PEFT
+    # prefix-tuning adapter as every vertex's start (plus the activations draws' spread for K > 1)
+    init: str = "activations"
     init_std: float = 0.02
     init_average: int = 1  # each vertex starts at the mean of this many draws (K=1, 3: the K=3 start's centroid)
 
     def __post_init__(self) -> None:
         _positive("prefix.length", self.length)
         _positive("prefix.init_average", self.init_average)
-        _choice("prefix.init", self.init, ("activations", "normal"))
+        if self.init.startswith("peft:"):
+            if not self.init.removeprefix("peft:"):
+                raise ConfigError("prefix.init=peft: needs a folder: prefix.init=peft:PATH/TO/ADAPTER")
+        else:
+            _choice("prefix.init", self.init, ("activations", "normal", "peft:PATH"))
 
 
 @dataclass
@@ -134,7 +140,8 @@ class TrainConfig:
     eval_every: int = 5
     save_every: int = 20
     eval_batch_size: int = 32
-    tensorboard: bool = False
+    tensorboard: bool = False  # an alias of report_to including tensorboard (events in OUTPUT_DIR/tensorboard)
+    report_to: list[str] | str = field(default_factory=list)  # Accelerate trackers: [tensorboard, mlflow, wandb, ...]
     progress: bool = True
     trace: bool = False  # write ranks/trace-rank-R.safetensors: every step's example indices and alphas on this rank
     keep_checkpoints: int = 0  # keep the newest N checkpoints (and the best-so-far's); 0: keep all
@@ -161,6 +168,18 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps must be >= 0")
         if self.keep_checkpoints < 0:
             raise ConfigError(f"train.keep_checkpoints must be >= 0 (0 keeps all; got {self.keep_checkpoints})")
+        names = self.report_to.split(",") if isinstance(self.report_to, str) else self.report_to
+        names = [name.strip().lower() for name in names if name.strip()]  # also `tensorboard,mlflow` (a string)
+        if names == ["none"]:  # as transformers' Trainer spells "no tracker"
+            names = []
+        if "all" in names:
+            raise ConfigError("train.report_to=all is not supported; name the trackers, e.g. [tensorboard,mlflow]")
+        self.report_to = list(dict.fromkeys(names))
+
+    def trackers(self) -> list[str]:
+        """The experiment trackers to log to: ``report_to``, and tensorboard when ``tensorboard`` (its alias)."""
+        alias = ["tensorboard"] if self.tensorboard and "tensorboard" not in self.report_to else []
+        return [*self.report_to, *alias]
 
 
 @dataclass
@@ -254,7 +273,15 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for alternative in inner:  # the first type the value fits (``list[str] | str``: a list, or a string)
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError:
+                pass
+        names = " or ".join(str(a) if typing.get_origin(a) else a.__name__ for a in inner)
+        raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
     if hint is bool:
         if isinstance(value, bool):
             return value

@@ -1,8 +1,13 @@
-"""Score a finished run: ``python -m dist_subspace.evaluate RUN_DIR [--mode M] [--split S] [--landscape]``.
+"""Score a finished run: ``python -m dist_subspace.evaluate RUN_DIR [--mode M] [--split S] [--landscape] [--plot P]``.
 
-Prints one JSON object (metric, mode, split, number of examples; mean and std for ``sampled:S`` and
-``models:S``). Uses the run's resolved ``config.yaml`` and its ``final/simplex.safetensors``; ``--data key=value``
-changes the data (e.g. ``--data task=path/to/file.csv``). Runs under any launcher, like training.
+Prints one JSON object: the task metric, mode, split and number of examples (mean and std for ``sampled:S`` and
+``models:S``); for classification also the calibration of the mode's probabilities, ``nll``, ``brier`` and
+``ece`` (top-label expected calibration error over 15 equal-width confidence bins; see
+:mod:`dist_subspace.evaluation.calibration`), and for ``ensemble:S`` the selective accuracy on the 80 % of
+examples the subspace is surest of by its disagreement, against the same cut by the centroid's confidence (the
+centroid is scored as one more point of the same pass). ``--plot PATH.png`` writes a reliability diagram. Uses the
+run's resolved ``config.yaml`` and its ``final/simplex.safetensors``; ``--data key=value`` changes the data (e.g.
+``--data task=path/to/file.csv``). Runs under any launcher, like training.
 """
 
 from __future__ import annotations
@@ -11,10 +16,14 @@ import argparse
 import json
 from pathlib import Path
 
+import torch
+
+from dist_subspace import simplex
 from dist_subspace.cli import USER_ERRORS, exit_now, user_error
-from dist_subspace.config import ConfigError, check_eval_mode, load_config
-from dist_subspace.evaluation.scoring import evaluate, write_landscape
-from dist_subspace.training.preflight import check_model_folder, check_run_folder
+from dist_subspace.config import ConfigError, check_eval_mode
+from dist_subspace.evaluation import calibration
+from dist_subspace.evaluation.scoring import evaluate_with_outputs, write_landscape
+from dist_subspace.training.finished import finished_run_config, load_finished_run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,43 +35,52 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="test", choices=["train", "dev", "test"])
     parser.add_argument("--data", nargs="*", default=[], metavar="KEY=VALUE", help="data overrides, e.g. task=f.csv")
     parser.add_argument("--landscape", action="store_true", help="also write landscape.png for the split")
+    parser.add_argument("--plot", type=Path, metavar="PATH.png", help="write a reliability diagram (classification)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    weights = args.run_dir / "final" / "simplex.safetensors"
     try:
-        check_run_folder(args.run_dir)  # a finished run, final/ complete and not corrupt: before anything loads
-        overrides = [f"data.{item}" for item in args.data] + ["eval.landscape=false", "train.resume=none"]
-        cfg = load_config(args.run_dir / "config.yaml", overrides)
+        if args.plot is not None and args.plot.suffix.lower() != ".png":
+            raise ConfigError(f"--plot {str(args.plot)!r}: the reliability diagram is a PNG; end the path in .png")
+        # A finished run, final/ complete and not corrupt, and a usable model folder: before anything loads.
+        cfg = finished_run_config(args.run_dir, [f"data.{item}" for item in args.data])
         mode = args.mode or cfg.eval.mode
-        check_eval_mode(mode)
-        check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        kind, _ = check_eval_mode(mode)
     except ConfigError as err:
         return user_error(err)
-    from dist_subspace.training.assembly import build
-    from dist_subspace.training.checkpoint import load_simplex_tensors, read_tensors
-    from dist_subspace.training.engine import Engine
 
-    engine = None
+    run = None
     try:
-        engine = Engine(cfg)
-        (splits,), collator, model, _ = build(cfg, engine)
-        load_simplex_tensors(model, read_tensors(weights))
-        examples = {"train": splits.train, "dev": splits.dev, "test": splits.test}[args.split]
-        result = evaluate(model, engine, examples, collator, splits.task, mode, args.batch_size, cfg.simplex.sampling)
+        run = load_finished_run(args.run_dir, cfg)
+        task, model, engine = run.task, run.model, run.engine
+        examples = {"train": run.splits.train, "dev": run.splits.dev, "test": run.splits.test}[args.split]
+        if args.plot is not None and task.regression:
+            raise ConfigError(f"--plot: {task.name} is a regression task; a reliability diagram needs classes")
+        extra = [simplex.centroid_alpha(model.num_vertices)] if not task.regression and kind == "ensemble" else []
+        scores, outputs, extra_outputs = evaluate_with_outputs(
+            model, engine, examples, run.collator, task, mode, args.batch_size, cfg.simplex.sampling, extra
+        )
+        result = {"metric": task.metric, "value": scores[task.metric], "split": args.split, **scores}
+        if not task.regression:
+            labels = torch.tensor([e["label"] for e in examples])
+            centroid = extra_outputs[0] if extra_outputs else None
+            result.update(calibration.mode_calibration(kind, outputs, labels, centroid))
+            if args.plot is not None and engine.is_main:
+                title = f"{task.name} {args.split}: reliability of {mode}, n={len(examples)}"
+                path = calibration.reliability_diagram(kind, outputs, labels, args.plot, title, centroid, mode)
+                result["plot"] = str(path)
     except USER_ERRORS as err:
-        if engine is not None:
-            engine.end()  # a later run in this process (a notebook, a test) starts clean
+        if run is not None:
+            run.end()  # a later run in this process (a notebook, a test) starts clean
         return user_error(err)
-    result = {"metric": splits.task.metric, "value": result[splits.task.metric], "split": args.split, **result}
     if args.landscape:
         path = write_landscape(
-            model, engine, examples, collator, splits.task, args.run_dir, cfg.eval.landscape_resolution, args.batch_size
+            model, engine, examples, run.collator, task, args.run_dir, cfg.eval.landscape_resolution, args.batch_size
         )
         result["landscape"] = str(path) if path else None
     if engine.is_main:
         print(json.dumps(result), flush=True)
-    engine.end()
+    run.end()
     return 0
 
 

@@ -357,7 +357,7 @@ def test_zero3_with_checkpointing_runs_the_prefix_path_and_equals_the_default_pa
     """2 processes, backbone partitioned, gradient checkpointing: each rank's right- and left-padded batch."""
     import json
 
-    from tests.test_distributed import launch, torchrun
+    from tests.training.test_distributed import launch, torchrun
 
     model_dir, data = small_assets
     launch(torchrun("tests.zero3_attention_check", str(model_dir), str(data), str(tmp_path)))

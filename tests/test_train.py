@@ -344,3 +344,21 @@ def test_evaluate_command(finished_run, tmp_path, capsys):
         assert evaluate_main(argv) == 2
         last = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress bar
         assert last.startswith("error: ") and message in last, last
+
+
+def test_final_has_a_model_card(finished_run):
+    """final/README.md: front matter as PEFT's and the Trainer's cards (base_model, library_name, tags), K, P, the
+    selected step and how it was selected, the test metric in its mode, and the command that trained it."""
+    import yaml
+
+    card = (finished_run / "final" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    summary = json.loads((finished_run / "summary.json").read_text())
+    config = load_config(finished_run / "config.yaml")
+    assert front["base_model"] == config.model.name_or_path and front["library_name"] == "dist_subspace"
+    assert "prefix-subspace" in front["tags"] and front["metrics"] == ["accuracy"]
+    assert "K = 3 vertices, P = 8 prefix tokens per layer" in card
+    step = summary["selected_step"]
+    assert f"the exported simplex is the one of step {step}, the best dev accuracy in `eval.select_by=centroid`" in card
+    assert f"| selected (step {step}) | `centroid` | {summary['test_final']:.4f} |" in card
+    assert "## Training command\n\n```bash\n" in card  # this process's command line (pytest's, here)

@@ -206,6 +206,38 @@ def evaluate(
     return evaluate_replicas(model, engine, [examples], collator, task, mode, batch_size, granularity)[0]
 
 
+def evaluate_with_outputs(
+    model: PrefixSubspaceModel,
+    engine,
+    examples: Sequence[Example],
+    collator: Collator,
+    task: TaskSpec,
+    mode: str,
+    batch_size: int = 32,
+    granularity: str = "example_layer",
+    extra_points: Sequence[Point] = (),
+) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`evaluate`'s result (the same dict), with the class logits ``[N, C]`` of each of the mode's points and
+    of each of ``extra_points``, all scored in one stacked pass (e.g. the centroid beside an ensemble's S points,
+    so that calibration can compare them at the cost of one more point)."""
+    kind, number = check_eval_mode(mode)
+    points = mode_points(model, kind, number, granularity)
+    queries = [Query(examples, p) for p in [*points, *extra_points]]
+    outputs = model_outputs(model, engine, queries, collator, batch_size)
+    labels = torch.tensor([e["label"] for e in examples])
+    result = {**_score(task, kind, outputs[: len(points)], labels), "mode": mode, "n": len(examples)}
+    return result, outputs[: len(points)], outputs[len(points) :]
+
+
+def from_offset(point: Point, offset: int) -> Point:
+    """``point`` for a slice of a longer example list that starts at ``offset``: a per-example point (a function
+    of example indices) sees the indices of the whole list, so scoring the list in chunks draws the points that
+    scoring it whole would."""
+    if not callable(point) or offset == 0:
+        return point
+    return lambda index: point(index + offset)
+
+
 def landscape_points(num_vertices: int, resolution: int) -> torch.Tensor:
     """The points of the landscape: a grid on the triangle (K = 3) ``[G, 3]``, else ``[K * (n + 1), K]`` along
     each vertex-to-centroid segment. Each is the same point in every layer: a 2-D slice of the product of

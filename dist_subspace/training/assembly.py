@@ -17,6 +17,7 @@ from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
 from dist_subspace.data.tasks import FewShotSplits
 from dist_subspace.embedded import resolve_model
+from dist_subspace.export import load_peft_prefix
 from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
 from dist_subspace.simplex import dirichlet_spread
 from dist_subspace.training.engine import Engine
@@ -83,6 +84,23 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     return splits, collator, model, path
 
 
+def start_vertices(cfg: Config, model: PrefixSubspaceModel, seed: int, special: list[int], vocab: int) -> torch.Tensor:
+    """One replica's starting vertices ``[K, L, 2, H_kv, P, D]``: independent draws (``prefix.init`` activations or
+    normal), or ``peft:PATH``: a PEFT prefix-tuning adapter as the start of every vertex, plus, for K > 1, the
+    usual independent spread (each activations draw minus their mean), so the centroid starts at the adapter and
+    K = 1 is exactly the adapter."""
+    p = cfg.prefix
+    method = "activations" if p.init.startswith("peft:") else p.init
+    draws = initial_vertices(model, method, seed, p.init_std, special, vocab, average=p.init_average)
+    if not p.init.startswith("peft:"):
+        return draws
+    try:
+        adapter = load_peft_prefix(Path(p.init.removeprefix("peft:")), model.geometry, p.length)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    return adapter.to(draws.device) + (draws - draws.mean(0, keepdim=True))
+
+
 @torch.no_grad()
 def initialise(cfg: Config, model: PrefixSubspaceModel, tokenizer, engine: Engine) -> torch.Tensor | None:
     """Give each replica r its independent start from seed ``train.seed + r`` (vertices, head), identical on
@@ -95,16 +113,14 @@ def initialise(cfg: Config, model: PrefixSubspaceModel, tokenizer, engine: Engin
     for r in range(cfg.simplex.replicas):
         seed, rows = cfg.train.seed + r, slice(r * k, (r + 1) * k)
         if model.use_prefix:  # under ZeRO-3 only the engine can run the partitioned backbone: after wrapping
-            init = initial_vertices(
-                model, cfg.prefix.init, seed, cfg.prefix.init_std, special, vocab, average=cfg.prefix.init_average
-            )
-            vertices[rows] = init.to(vertices.device)
+            vertices[rows] = start_vertices(cfg, model, seed, special, vocab).to(vertices.device)
         if head is not None:
             start = initial_head(k, head.weight.shape[2], head.weight.shape[1], seed)
             head.weight[rows], head.bias[rows] = start["weight"], start["bias"]
         if noise is not None:
             m = cfg.simplex.noise_match_vertices
-            spread = initial_vertices(model, cfg.prefix.init, seed, cfg.prefix.init_std, special, vocab, num_vertices=m)
+            method = "activations" if cfg.prefix.init.startswith("peft:") else cfg.prefix.init  # the spread's draws
+            spread = initial_vertices(model, method, seed, cfg.prefix.init_std, special, vocab, num_vertices=m)
             noise.append(dirichlet_spread(spread))
     for p in model.simplex.parameters():
         engine.broadcast_(p.data)

@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dist_subspace.export import save_peft_prefix
+from dist_subspace.files import write_atomic
 from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
 
@@ -346,8 +347,11 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def save_final(folder: Path, model: PrefixSubspaceModel, info: dict, tensors: dict | None = None) -> None:
-    """``final/``: ``simplex.safetensors``, ``simplex_config.json`` and, for decoders, ``peft_centroid/``.
+def save_final(
+    folder: Path, model: PrefixSubspaceModel, info: dict, tensors: dict | None = None, card: str | None = None
+) -> None:
+    """``final/``: ``simplex.safetensors``, ``simplex_config.json``, for decoders ``peft_centroid/``, and the model
+    card ``README.md`` (``card``, see :mod:`dist_subspace.training.card`), sealed and published together.
 
     ``tensors``: one replica's simplex (:func:`replica_slice`); default: the model's own (R = 1).
     """
@@ -373,4 +377,6 @@ def save_final(folder: Path, model: PrefixSubspaceModel, info: dict, tensors: di
         alpha = expand_alpha(centroid_alpha(vertices.shape[0]), 1, g.num_layers)
         centroid = mix_prefix(vertices, alpha)[0]  # [L, 2, H_kv, P, D]
         save_peft_prefix(centroid, g, info.get("model", ""), tmp / "peft_centroid")
+    if card is not None:
+        write_atomic(tmp / "README.md", card)
     _publish(tmp, folder)

@@ -5,6 +5,10 @@ forward and backward) or stays a plain replicated module (one process, DDP-style
 simplex never enters DeepSpeed: it is tiny, replicated on every rank in fp32, optimised by a plain torch
 AdamW, and only its gradients are all-reduced (one flat tensor per optimizer step). So every launch form
 runs the same optimizer code, checkpoints are world-size independent, and ranks stay bit-identical.
+
+The experiment trackers of ``train.report_to`` are Accelerate's too: named when the Accelerator is made, started,
+fed and finished through :meth:`Engine.start_trackers`, :meth:`Engine.log_metrics` and :meth:`Engine.end_trackers`
+(the main process alone logs).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 from torch import nn
 
 from dist_subspace.config import Config, ConfigError
@@ -169,6 +173,42 @@ def _fill_ds_config(ds: dict, cfg: Config, dtype: torch.dtype, strict: bool = Tr
     return ds
 
 
+# ---- experiment trackers (Accelerate's: TensorBoard, MLflow, W&B, Comet, Aim, ClearML, DVCLive, SwanLab, Trackio) ----
+# The pip package of each tracker Accelerate knows, where it differs from the tracker's name (mlflow-skinny also
+# serves "mlflow": it logs to a tracking server or a file store; the full mlflow adds its default local database).
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
+TENSORBOARD_FOLDER = "tensorboard"  # OUTPUT_DIR/tensorboard: where train.tensorboard=true always wrote
+
+
+def known_trackers() -> list[str]:
+    """The tracker names Accelerate can log to (``all`` aside), as ``train.report_to`` spells them."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    return sorted(LOGGER_TYPE_TO_CLASS)
+
+
+def tracker_installed(name: str) -> bool:
+    """Whether the package of tracker ``name`` is installed, as Accelerate checks it (without importing it)."""
+    from accelerate.utils import imports
+
+    check = getattr(imports, f"is_{name}_available", None)
+    return bool(check()) if check is not None else True  # a tracker registered from Python brings its own
+
+
+def tracker_package(name: str) -> str:
+    """What to ``pip install`` for tracker ``name``."""
+    return TRACKER_PACKAGES.get(name, name)
+
+
+def _accelerate_sees() -> set[str]:
+    """The trackers Accelerate will log to: those whose package it found, and any registered from Python."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+    from accelerate.utils import LoggerType
+
+    built_in = {t.value for t in LoggerType}
+    return {str(t) for t in get_available_trackers()} | {name for name in LOGGER_TYPE_TO_CLASS if name not in built_in}
+
+
 def _single_process_env() -> list[str]:
     """Set what a launcher would for rank 0 of 1 on a free port; returns the names set (end() removes them, so a
     process started later from this one, a test's subprocess say, does not believe it was launched)."""
@@ -206,9 +246,24 @@ class Engine:
         timeout = timedelta(seconds=cfg.engine.collective_timeout_s)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         handlers = [InitProcessGroupKwargs(backend=backend, timeout=timeout)] if distributed else []
+        # Experiment trackers: Accelerate's, named in train.report_to; its logging folder is the run folder.
+        self.trackers = cfg.train.trackers()
+        out = Path(cfg.train.output_dir)
+        others = [name for name in self.trackers if name != "tensorboard"]
+        unseen = [name for name in others if name not in _accelerate_sees()]
+        if unseen:  # preflight checked the packages; Accelerate looked when it was imported (and would only warn)
+            raise ConfigError(f"train.report_to: Accelerate finds no package for {unseen}; pip install {unseen[0]}")
         self.accelerator = Accelerator(
-            kwargs_handlers=handlers, deepspeed_plugin=plugin, gradient_accumulation_steps=cfg.train.grad_accum
+            kwargs_handlers=handlers,
+            deepspeed_plugin=plugin,
+            gradient_accumulation_steps=cfg.train.grad_accum,
+            log_with=others or None,
+            project_config=ProjectConfiguration(project_dir=str(out)) if self.trackers else None,
         )
+        if "tensorboard" in self.trackers:  # its events in OUTPUT_DIR/tensorboard, where they always were
+            from accelerate.tracking import TensorBoardTracker
+
+            self.accelerator.log_with.append(TensorBoardTracker(TENSORBOARD_FOLDER, str(out)))
         self.deepspeed = plugin is not None
         self.zero_stage = plugin.zero_stage if plugin is not None else 0
         # ZeRO-1/2 shard optimizer state and gradients, which a frozen backbone has none of (and DeepSpeed refuses
@@ -241,6 +296,38 @@ class Engine:
         else:
             mode = "frozen backbone replicated (no DeepSpeed)"
         return f"{self.world_size} process(es) on {self.device.type}, {mode}, compute dtype {self.dtype}"
+
+    # ---- experiment trackers ---------------------------------------------------------------------
+    def start_trackers(self, project: str, config: dict, init_kwargs: dict[str, dict] | None = None) -> None:
+        """Start this run's trackers (``train.report_to``) on the main process, ``config`` (flat scalars) logged as
+        its hyperparameters; ``init_kwargs``: per tracker name, keyword arguments for that tracker. A tracker that
+        cannot start (not logged in, an unreachable or unsupported store, ...) is a one-line ConfigError on every
+        rank, before anything heavy loads."""
+        if not self.trackers:
+            return
+        problem = None
+        if self.is_main:
+            try:
+                self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs or {})
+            except Exception as err:  # any tracker's own failure (no login, a store it cannot use): one line
+                name = next((t.name for t in self.accelerator.trackers if not _tracker_started(t)), "a tracker")
+                detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                problem = f"train.report_to: {name} could not start ({type(err).__name__}: {detail}); check its setup"
+                self.end_trackers()
+        if self.any_rank(problem is not None):
+            raise ConfigError(problem or "train.report_to: a tracker could not start on the main process")
+
+    def log_metrics(self, values: dict[str, float], step: int) -> None:
+        """Log ``values`` (name -> number) at ``step`` to every tracker; only the main process logs."""
+        if self.trackers and self.is_main:
+            self.accelerator.log(values, step=step)
+
+    def end_trackers(self) -> None:
+        """Finish every started tracker (flush and close its run); later calls do nothing."""
+        trackers, self.accelerator.trackers = self.accelerator.trackers, []
+        for tracker in trackers:
+            if _tracker_started(tracker):
+                tracker.finish()
 
     # ---- the backbone ----------------------------------------------------------------------------
     def load_backbone(self, path: str, decoder: bool) -> nn.Module:
@@ -333,6 +420,7 @@ class Engine:
         from accelerate.state import AcceleratorState
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+        self.end_trackers()
         self.accelerator.end_training()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -344,6 +432,14 @@ class Engine:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = self._use_deepspeed_env
         for name in self._set_env:
             os.environ.pop(name, None)
+
+
+def _tracker_started(tracker) -> bool:
+    """Whether an Accelerate tracker's ``start()`` ran (``tracker`` is then its run or writer, not None)."""
+    try:
+        return tracker.tracker is not None
+    except AttributeError:
+        return False
 
 
 def comms_records() -> dict[str, dict[str, int]]:

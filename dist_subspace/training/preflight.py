@@ -7,6 +7,7 @@ docs/reliability.md lists each case and the test that proves it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import tempfile
@@ -42,6 +43,7 @@ RUN_IDENTITY = (
     "data.template",
     "train.seed",
 )
+TRACKERS_EXTRA = ("tensorboard", "mlflow", "wandb")  # what pip install 'dist_subspace[trackers]' brings
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
 PICKLED_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -171,15 +173,48 @@ def check_model_folder(name_or_path: str, trust_remote_code: bool) -> None:
 
 
 def check_optional_packages(cfg: Config) -> None:
-    """Features that need a package outside the base install."""
-    if cfg.train.tensorboard:
-        try:
-            import tensorboard  # noqa: F401
-        except ImportError:
+    """Features that need a package outside the base install: each experiment tracker of ``train.report_to``
+    (and ``train.tensorboard``) is one Accelerate knows, and its package is installed."""
+    names = cfg.train.trackers()
+    if not names:
+        return
+    from dist_subspace.training.engine import known_trackers, tracker_installed, tracker_package
+
+    known = known_trackers()
+    for name in names:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ConfigError(f"train.report_to: unknown tracker {name!r}; {hint}Accelerate logs to {', '.join(known)}")
+        if tracker_installed(name):
+            continue
+        package = tracker_package(name)
+        if name == "tensorboard" and name not in cfg.train.report_to:  # train.tensorboard=true, the alias
             raise ConfigError(
                 "train.tensorboard=true needs the tensorboard package: pip install 'dist_subspace[tensorboard]' "
                 "(or pip install tensorboard), or set train.tensorboard=false"
-            ) from None
+            )
+        extra = " (or pip install 'dist_subspace[trackers]')" if name in TRACKERS_EXTRA else ""
+        raise ConfigError(
+            f"train.report_to: {name} needs the {package} package: pip install {package}{extra}, "
+            f"or remove {name} from train.report_to"
+        )
+
+
+def check_peft_adapter(folder: Path, prefix_length: int) -> None:
+    """``prefix.init=peft:PATH``: a PEFT prefix-tuning adapter in safetensors, of ``prefix.length`` tokens."""
+    from dist_subspace.export import read_peft_adapter
+
+    try:
+        config, weight = read_peft_adapter(folder)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    tokens = weight.shape[0]
+    if tokens != prefix_length:
+        raise ConfigError(
+            f"prefix.init=peft:{folder}: the adapter's prefix is {tokens} tokens (num_virtual_tokens="
+            f"{config.get('num_virtual_tokens')}), prefix.length is {prefix_length}; set prefix.length={tokens}"
+        )
 
 
 def check_train(cfg: Config) -> None:
@@ -189,6 +224,8 @@ def check_train(cfg: Config) -> None:
         check_resume(cfg)
     check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     check_optional_packages(cfg)
+    if cfg.prefix.init.startswith("peft:"):  # the adapter's files and P (its geometry: once the model is built)
+        check_peft_adapter(Path(cfg.prefix.init.removeprefix("peft:")), cfg.prefix.length)
     if cfg.engine.deepspeed:
         from dist_subspace.training.engine import read_ds_config
 

@@ -10,8 +10,9 @@ one-replica run with seeds ``train.seed + r`` and ``data.seed + r`` ends (up to 
 
 from __future__ import annotations
 
-import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from dist_subspace.data.batching import truncation_report
 from dist_subspace.evaluation.metrics import task_loss
 from dist_subspace.evaluation.scoring import evaluate_replicas, write_landscapes
 from dist_subspace.files import write_json
-from dist_subspace.training.assembly import build, initialise, replica_dir
+from dist_subspace.training.assembly import build, initialise, replica_config, replica_dir
+from dist_subspace.training.card import CardFacts, render_card, training_command
 from dist_subspace.training.checkpoint import (
     apply_checkpoint,
     latest_checkpoint,
@@ -39,6 +41,7 @@ from dist_subspace.training.checkpoint import (
 )
 from dist_subspace.training.engine import Engine, parameter_counts
 from dist_subspace.training.guards import NonFiniteGuard, stop_if_write_fails
+from dist_subspace.training.reporting import MetricsLog
 from dist_subspace.training.runfolder import prepare_run_folders, write_rank_facts
 from dist_subspace.training.schedule import lr_factor, sampling_coordinates, step_examples
 
@@ -54,11 +57,14 @@ class Recipe:
         self.out = Path(cfg.train.output_dir)
         self.replicas = cfg.simplex.replicas
         self.dirs = [replica_dir(self.out, r, self.replicas) for r in range(self.replicas)]
+        self.command = training_command(sys.argv, dict(os.environ))  # for the model card, before any launcher setup
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         self.engine = engine = Engine(cfg)
+        self.metrics = MetricsLog(cfg, engine, self.dirs)
+        self.metrics.start_trackers(os.environ)  # before the model loads: a tracker that cannot start fails at once
         torch.manual_seed(cfg.train.seed)
         self.splits, self.collator, self.model, self.model_path = build(cfg, engine)
         self.task = self.splits[0].task
@@ -86,7 +92,6 @@ class Recipe:
         self._resume()
         # The sampler's step lives on the device: advanced in place, never read back by the host.
         self.step_tensor = torch.tensor(self.step, dtype=torch.long, device=device)
-        self.writer = None
         self._log_setup()
 
     def _resume(self) -> None:
@@ -157,21 +162,6 @@ class Recipe:
     def log(self, message: str) -> None:
         if self.engine.is_main:
             print(f"[dist_subspace] {message}", flush=True)
-
-    def record(self, split: str, rows: list[dict]) -> None:
-        """One metrics.jsonl row per replica, in its own folder."""
-        if not self.engine.is_main:
-            return
-        for r, values in enumerate(rows):
-            row = {"step": self.step, "split": split, **values}
-            row = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}  # JSON
-            with open(self.dirs[r] / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            if self.writer is not None:
-                tag = f"replica-{r}/" if self.replicas > 1 else ""
-                for key, value in values.items():
-                    if isinstance(value, (int, float)):
-                        self.writer.add_scalar(f"{tag}{split}/{key}", value, self.step)
 
     # ---- the loop --------------------------------------------------------------------------------
     def _noise(self, seed, index: torch.Tensor, replica: torch.Tensor | None) -> torch.Tensor | None:
@@ -276,7 +266,7 @@ class Recipe:
             desc=desc,
         )
         if record:
-            self.record(split, [{k: v for k, v in res.items() if k != "samples"} for res in results])
+            self.metrics.record(self.step, split, [{k: v for k, v in r.items() if k != "samples"} for r in results])
         return results
 
     def _select(self, last_dev: list[dict]) -> None:
@@ -304,10 +294,6 @@ class Recipe:
 
     def train(self) -> list[dict]:
         t, metric = self.cfg.train, self.task.metric
-        if t.tensorboard and self.engine.is_main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(self.out / "tensorboard"))
         if self.step == 0 and self.cfg.eval.initial_test:
             for summary, initial in zip(self.summaries, self.validate("test"), strict=True):
                 summary["test_initial"] = initial[metric]
@@ -337,7 +323,7 @@ class Recipe:
                 mean = stacked.masked_fill(~stacked.isfinite(), math.nan).nanmean(0)  # [R]
                 rate = global_batch * len(losses) / (time.perf_counter() - clock)
                 skipped = self.guard.log_fields()
-                self.record("train", [{**row, **skipped} for row in self._train_rows(mean, rate)])
+                self.metrics.record(self.step, "train", [{**row, **skipped} for row in self._train_rows(mean, rate)])
                 if progress is not None:
                     progress.set_postfix(loss=f"{mean.mean().item():.4f}", ex_s=f"{rate:.1f}")
                 clock, losses = time.perf_counter(), []
@@ -389,7 +375,7 @@ class Recipe:
                         "data_seed": cfg.data.seed + r,
                     }
                     tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
-                    save_final(self.dirs[r] / "final", self.model, info, tensors_r)
+                    save_final(self.dirs[r] / "final", self.model, info, tensors_r, self._card(r, summary))
                     write_json(self.dirs[r] / "summary.json", summary, indent=2)
         write_rank_facts(self.model, self.engine, self.out)
         if self.trace:
@@ -398,6 +384,21 @@ class Recipe:
             self._landscape()
         self.engine.barrier()
         return self.summaries
+
+    def _card(self, r: int, summary: dict) -> str:
+        """Replica ``r``'s model card (``final/README.md``)."""
+        facts = CardFacts(
+            run_dir=str(self.dirs[r]),
+            kind=self.model.spec.kind,
+            num_layers=self.model.geometry.num_layers,
+            splits=self.splits[r],
+            summary=summary,
+            dev_score=self.best["scores"][r],
+            command=self.command,
+            world_size=self.engine.world_size,
+            replica=r if self.replicas > 1 else None,
+        )
+        return render_card(replica_config(self.cfg, r), facts)
 
     def _landscape(self) -> None:
         """The dev metric over the simplex (a 2-D slice: the same point in every layer); on a capped dev subset
@@ -421,8 +422,7 @@ class Recipe:
         self.log(f"landscape: {len(dev[0])} dev examples per replica, {time.perf_counter() - start:.1f} s")
 
     def cleanup(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        self.engine.end_trackers()
         self.engine.end()
 
 

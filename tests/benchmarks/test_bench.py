@@ -177,5 +177,8 @@ def test_stacked_evaluation_serves_every_point_with_fewer_forwards_under_zero3(s
     result = evaluation_facts(str(model_dir), examples=8, points=4, batch=8, rounds=1)
     assert result["setup"]["processes"] == 2 and result["setup"]["examples"] == 8
     assert result["forwards_per_rank"] == {"stacked": 2, "per_point": 4}
-    assert result["max_abs_logit_diff"] < 1e-3  # bf16 backbone: the same rows, batched differently
+    # The same rows, batched differently: in fp32 summation order only; in bf16 (auto on a CPU with native bf16) a
+    # few units of bf16's epsilon (2^-8) of the logits' scale.
+    scale = result["max_abs_logit"] * (2**-6 if result["dtype"] == "bfloat16" else 1e-5)
+    assert result["max_abs_logit_diff"] < max(scale, 1e-6)
     assert "speed-up of stacking" in format_evaluation(result)

@@ -202,3 +202,37 @@ def test_two_ranks_score_every_replica_row_once_whatever_their_memory_layout(set
     assert len(scored) == 118 and set(scored) == {(q, i) for q in range(9) for i in range(13)}  # 117 + 1 pad
     for got, want in zip(both, one, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_evaluate_with_outputs_adds_the_centroid_to_the_same_pass(setup):
+    """The result is evaluate's own; the mode's S points and the extra centroid come back as their own logits."""
+    from dist_subspace.evaluation.scoring import evaluate_with_outputs
+
+    splits, collator, make, engine = setup
+    model = make(3)
+    result, outputs, (centroid,) = evaluate_with_outputs(
+        model, engine, splits.test, collator, splits.task, "ensemble:3", 8, "example_layer", [simplex.centroid_alpha(3)]
+    )
+    assert result == _score(model, engine, splits, collator, "ensemble:3")
+    assert len(outputs) == 3 and all(o.shape == (23, 2) for o in outputs)
+    (alone,) = model_outputs(model, engine, [Query(splits.test, simplex.centroid_alpha(3))], collator, 5)
+    torch.testing.assert_close(centroid, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_chunks_from_their_offset_draw_the_points_of_the_whole_list(setup):
+    """Scoring a list in two chunks, each point shifted by its chunk's start, gives the whole list's logits."""
+    from dist_subspace.evaluation.scoring import from_offset, sampled_points
+
+    splits, collator, make, engine = setup
+    model = make(3)
+    point = sampled_points(model, "example_layer", 1)
+    (whole,) = model_outputs(model, engine, [Query(splits.test, point)], collator, 8)
+    parts = [
+        model_outputs(model, engine, [Query(splits.test[start:stop], from_offset(point, start))], collator, 8)[0]
+        for start, stop in ((0, 10), (10, 23))
+    ]
+    torch.testing.assert_close(torch.cat(parts), whole, atol=1e-5, rtol=1e-4)
+    (unshifted,) = model_outputs(model, engine, [Query(splits.test[10:], point)], collator, 8)
+    assert not torch.allclose(unshifted, whole[10:], atol=1e-4)  # without the offset the points differ
+    fixed = simplex.centroid_alpha(3)
+    assert from_offset(fixed, 10) is fixed  # a fixed point is the same at every offset
