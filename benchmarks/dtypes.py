@@ -27,8 +27,8 @@ def _model(path: str, dtype: torch.dtype, decoder: bool, words, classes: int, pr
     loader = AutoModelForCausalLM if decoder else AutoModel
     backbone = loader.from_pretrained(path, dtype=dtype, use_safetensors=True).eval().requires_grad_(False)
     kwargs = {"label_token_ids": words} if decoder else {"num_outputs": classes}
+    torch.manual_seed(0)  # an encoder's head: the same start in every dtype
     model = PrefixSubspaceModel(backbone, 3, prefix, **kwargs)
-    torch.manual_seed(0)
     model.simplex.vertices.data.copy_(initial_vertices(model, seed=0))
     return model
 
