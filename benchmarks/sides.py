@@ -159,7 +159,7 @@ def load_backbone(name: str, dtype: torch.dtype, device: torch.device) -> tuple[
 
 def review_tokens(tokenizer, batch: int, seq_len: int) -> torch.Tensor:
     """``[B, S]`` token ids: Rotten Tomatoes reviews tokenised back to back (EOS between them), cut into rows."""
-    from dist_subspace.data.sources import OFFLINE
+    from dist_subspace.data.offline import OFFLINE
 
     reviews = [e["text"] for e in OFFLINE["rotten_tomatoes"]()["all"]]
     need, stream = batch * seq_len, []

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from dist_subspace.cli import USER_ERRORS, OneLineParser, exit_now, user_error
 from dist_subspace.config import Config, ConfigError, check_eval_mode
-from dist_subspace.data.sources import read_table
+from dist_subspace.data.tables import read_table
 from dist_subspace.data.tasks import GLUE, LOCAL_SUFFIXES, TASKS, Example, TaskSpec
 from dist_subspace.training.preflight import is_main_rank
 

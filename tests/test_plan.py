@@ -90,7 +90,7 @@ def test_an_auto_that_nothing_fills_is_one_line_in_plan_and_train(capsys, tmp_pa
     import torch
 
     from dist_subspace.config import ConfigError, load_config
-    from dist_subspace.training.engine import check_ds_config
+    from dist_subspace.training.settings import check_ds_config
 
     zero = {"stage": 3, "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}
     filled = tmp_path / "filled.json"

@@ -14,7 +14,7 @@ import torch
 
 from dist_subspace import evaluate as evaluate_command
 from dist_subspace import predict as predict_command
-from dist_subspace.data.sources import read_table
+from dist_subspace.data.tables import read_table
 from dist_subspace.predict import row_writer
 from tests.conftest import run_args
 from tests.two_nodes import BIN, ROOT, free_port

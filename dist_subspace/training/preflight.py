@@ -227,7 +227,7 @@ def check_train(cfg: Config) -> None:
     if cfg.prefix.init.startswith("peft:"):  # the adapter's files and P (its geometry: once the model is built)
         check_peft_adapter(Path(cfg.prefix.init.removeprefix("peft:")), cfg.prefix.length)
     if cfg.engine.deepspeed:
-        from dist_subspace.training.engine import read_ds_config
+        from dist_subspace.training.settings import read_ds_config
 
         read_ds_config(cfg.engine.deepspeed)  # the values are checked when the engine fills them (all launchers)
 

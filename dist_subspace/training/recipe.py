@@ -17,39 +17,35 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from dist_subspace import attention, simplex
 from dist_subspace.config import Config
 from dist_subspace.data.batching import truncation_report
 from dist_subspace.evaluation.metrics import task_loss
-from dist_subspace.evaluation.scoring import evaluate_replicas, write_landscapes
-from dist_subspace.files import write_json
-from dist_subspace.training.assembly import build, initialise, replica_config, replica_dir
-from dist_subspace.training.card import CardFacts, render_card, training_command
+from dist_subspace.evaluation.scoring import evaluate_replicas
+from dist_subspace.training.assembly import build, initialise, replica_dir
+from dist_subspace.training.card import training_command
 from dist_subspace.training.checkpoint import (
     apply_checkpoint,
     latest_checkpoint,
-    load_simplex_tensors,
     prune_checkpoints,
     put_replica,
     read_checkpoint,
     replica_slice,
     save_checkpoint,
-    save_final,
     simplex_tensors,
 )
 from dist_subspace.training.engine import Engine, parameter_counts
+from dist_subspace.training.finish import FinishStage, format_values
 from dist_subspace.training.guards import NonFiniteGuard, stop_if_write_fails
 from dist_subspace.training.reporting import MetricsLog
-from dist_subspace.training.runfolder import prepare_run_folders, write_rank_facts
+from dist_subspace.training.runfolder import prepare_run_folders
 from dist_subspace.training.schedule import lr_factor, sampling_coordinates, step_examples
 
 NOISE_SALT = 0x6E015E  # the noise control's stream of hashed normals differs from the alphas'
-LANDSCAPE_CAP_PARAMETERS = 1_000_000_000  # above this backbone size the landscape scores a capped dev subset
 
 
-class Recipe:
+class Recipe(FinishStage):
     """setup / train / validate / save / cleanup for one run (of R seed replicas)."""
 
     def __init__(self, cfg: Config) -> None:
@@ -297,7 +293,7 @@ class Recipe:
         if self.step == 0 and self.cfg.eval.initial_test:
             for summary, initial in zip(self.summaries, self.validate("test"), strict=True):
                 summary["test_initial"] = initial[metric]
-            self.log(f"test {metric} at the initial centroid: {_values(self.summaries, 'test_initial')}")
+            self.log(f"test {metric} at the initial centroid: {format_values(self.summaries, 'test_initial')}")
         progress = None
         if t.progress and self.engine.is_main:
             from tqdm import tqdm
@@ -335,96 +331,6 @@ class Recipe:
             progress.close()
         return self.finish()
 
-    def finish(self) -> list[dict]:
-        """Load each replica's best dev simplex, score it on test, write its ``final/``, summary and landscape."""
-        cfg, metric = self.cfg, self.task.metric
-        if cfg.eval.test_last:  # the control for selection: the simplex as training left it
-            selected_last = all(s == self.step for s in self.best["steps"])
-            lasts = self.validate("test", record=False) if not selected_last else None
-            for summary, last in zip(self.summaries, lasts or [None] * self.replicas, strict=True):
-                summary["test_last"] = last[metric] if last is not None else None  # None: filled in below
-        if self.best["tensors"] is not None:
-            load_simplex_tensors(self.model, self.best["tensors"])
-        finals = self.validate("test")
-        for mode in cfg.eval.extra_test_modes:
-            for summary, result in zip(self.summaries, self.validate("test", mode), strict=True):
-                summary[f"test_final_{mode}"] = result[metric]
-        for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
-            steps = self.best["steps"][r]
-            summary.update(test_final=final[metric], selected_step=steps, mode=cfg.eval.mode, replica=r)
-            if cfg.eval.test_last and summary["test_last"] is None:  # every replica selected the last step
-                summary["test_last"] = final[metric]
-        if cfg.eval.test_last:
-            lasts = _values(self.summaries, "test_last")
-            self.log(f"test {metric} at the last step ({cfg.eval.mode}, no selection): {lasts}")
-        self.log(
-            f"test {metric} after training ({cfg.eval.mode}, dev-selected): {_values(self.summaries, 'test_final')}"
-        )
-        with stop_if_write_fails(self.engine, [d / "final" for d in self.dirs], self.out):  # the checkpoints stay
-            if self.engine.is_main:
-                tensors = simplex_tensors(self.model)
-                for r, summary in enumerate(self.summaries):
-                    info = {
-                        "model": cfg.model.name_or_path,
-                        "sampling": cfg.simplex.sampling,
-                        "task": self.task.name,
-                        "selected_step": self.best["steps"][r],
-                        "selected_by": cfg.eval.select_by,
-                        "dev_score": self.best["scores"][r],
-                        "seed": cfg.train.seed + r,
-                        "data_seed": cfg.data.seed + r,
-                    }
-                    tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
-                    save_final(self.dirs[r] / "final", self.model, info, tensors_r, self._card(r, summary))
-                    write_json(self.dirs[r] / "summary.json", summary, indent=2)
-        write_rank_facts(self.model, self.engine, self.out)
-        if self.trace:
-            save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
-        if cfg.eval.landscape:
-            self._landscape()
-        self.engine.barrier()
-        return self.summaries
-
-    def _card(self, r: int, summary: dict) -> str:
-        """Replica ``r``'s model card (``final/README.md``)."""
-        facts = CardFacts(
-            run_dir=str(self.dirs[r]),
-            kind=self.model.spec.kind,
-            num_layers=self.model.geometry.num_layers,
-            splits=self.splits[r],
-            summary=summary,
-            dev_score=self.best["scores"][r],
-            command=self.command,
-            world_size=self.engine.world_size,
-            replica=r if self.replicas > 1 else None,
-        )
-        return render_card(replica_config(self.cfg, r), facts)
-
-    def _landscape(self) -> None:
-        """The dev metric over the simplex (a 2-D slice: the same point in every layer); on a capped dev subset
-        for big backbones, where each of its ~28 points costs a full dev pass."""
-        cap = self.cfg.eval.landscape_examples
-        if cap == -1:
-            _, frozen, _ = parameter_counts(self.model)
-            cap = 64 if frozen > LANDSCAPE_CAP_PARAMETERS else 0
-        dev = [s.dev[:cap] if cap else s.dev for s in self.splits]
-        start = time.perf_counter()
-        write_landscapes(
-            self.model,
-            self.engine,
-            dev,
-            self.collator,
-            self.task,
-            self.dirs,
-            self.cfg.eval.landscape_resolution,
-            self.cfg.train.eval_batch_size,
-        )
-        self.log(f"landscape: {len(dev[0])} dev examples per replica, {time.perf_counter() - start:.1f} s")
-
     def cleanup(self) -> None:
         self.engine.end_trackers()
         self.engine.end()
-
-
-def _values(summaries: list[dict], key: str) -> str:
-    return ", ".join(f"{s[key]:.4f}" for s in summaries)

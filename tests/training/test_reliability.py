@@ -43,7 +43,8 @@ from dist_subspace.training.checkpoint import (
     simplex_tensors,
     verify_folder,
 )
-from dist_subspace.training.engine import Engine, auto_dtype, check_ds_config, compute_dtype, cpu_flags
+from dist_subspace.training.engine import Engine
+from dist_subspace.training.settings import auto_dtype, check_ds_config, compute_dtype, cpu_flags
 from tests.conftest import run_args, tiny_backbone
 from tests.two_nodes import BIN, ROOT, free_port
 
