@@ -18,6 +18,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # per example and per layer, the metric averaged over draws), tested at the centroid. S: the spec's `sampled`.
     "k3_sampled": {"simplex.vertices": 3, "eval.select_by": "sampled:{sampled}"},
     "k3_centred": {"simplex.vertices": 3, "simplex.regulariser": "cos2_centred"},
+    "k3_beta0": {"simplex.vertices": 3, "simplex.beta": 0.0},  # no regulariser: do the vertices part anyway?
+    "k3_beta10": {"simplex.vertices": 3, "simplex.beta": 10.0},  # ten times the push apart
     "k3_head_apart": {"simplex.vertices": 3, "simplex.regularise_head": True},  # encoders: heads kept apart too
     "k1_noise": {"simplex.vertices": 1, "simplex.noise": "match"},  # is it just noise injection?
     "k1_avg_start": {"simplex.vertices": 1, "prefix.init_average": 3},  # is it just the averaged start?
