@@ -30,7 +30,7 @@ from dist_subspace.data.tasks import TASKS
 from dist_subspace.evaluate import main as evaluate_main
 from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.train import main
-from dist_subspace.training import checkpoint, recipe
+from dist_subspace.training import checkpoint, finish, recipe
 from dist_subspace.training.checkpoint import (
     CheckpointError,
     complete_checkpoints,
@@ -313,7 +313,8 @@ def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_last_checkpoi
     model_dir, data = small_assets
     out = tmp_path / "run"
     name = "save_checkpoint" if what == "checkpoint" else "save_final"
-    real = getattr(recipe, name)
+    stage = recipe if what == "checkpoint" else finish  # where the save is called: the loop, or the run's end
+    real = getattr(stage, name)
 
     def full_disk_at_the_end(folder, *args, **kwargs):
         if folder.name in ("step-12", "final"):
@@ -321,7 +322,7 @@ def test_a_full_disk_during_a_save_stops_in_one_line_and_keeps_the_last_checkpoi
                 return real(folder, *args, **kwargs)
         return real(folder, *args, **kwargs)
 
-    monkeypatch.setattr(recipe, name, full_disk_at_the_end)
+    monkeypatch.setattr(stage, name, full_disk_at_the_end)
     assert main(run_args(model_dir, data, out, *QUICK)) == 1
     target = out / "checkpoints" / "step-12" if what == "checkpoint" else out / "final"
     line = _one_error_line(capsys, f"writing {target} failed: ")
