@@ -161,6 +161,42 @@ def _score(task: TaskSpec, kind: str, outputs: list[torch.Tensor], labels: torch
     return result
 
 
+def score_replicas(
+    model: PrefixSubspaceModel,
+    engine,
+    examples: Sequence[Sequence[Example]],
+    collator: Collator,
+    task: TaskSpec,
+    mode: str,
+    batch_size: int = 32,
+    granularity: str = "example_layer",
+    desc: str | None = None,
+    extra_points: Sequence[Point] = (),
+) -> list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]:
+    """Score each replica r on ``examples[r]`` under ``mode``, all in one stacked pass; per replica: the result
+    (the metrics, ``mode`` and ``n``, plus ``*_std`` and ``samples`` for ``sampled:S``/``models:S``), the class
+    logits ``[N, C]`` of each of the mode's points, and those of each of ``extra_points`` (scored in the same pass,
+    e.g. the centroid beside an ensemble's S points, for calibration, at the cost of one more point).
+
+    ``sampled:S`` is the paper's non-deterministic validation metric: S draws, in each a point per example (and
+    per layer for ``example_layer``) drawn as training draws it; the metric of each draw, then their mean and
+    sample SD. ``ensemble:S`` averages class probabilities over the same S points; ``models:S`` scores S whole
+    models of the subspace (one point per layer, the same for every example).
+    """
+    kind, number = check_eval_mode(mode)
+    points = mode_points(model, kind, number, granularity)
+    scored = [*points, *extra_points]
+    queries = [Query(exs, p, r) for r, exs in enumerate(examples) for p in scored]
+    outputs = model_outputs(model, engine, queries, collator, batch_size, desc)
+    results = []
+    for r, exs in enumerate(examples):
+        labels = torch.tensor([e["label"] for e in exs])
+        mine = outputs[r * len(scored) : (r + 1) * len(scored)]
+        result = {**_score(task, kind, mine[: len(points)], labels), "mode": mode, "n": len(exs)}
+        results.append((result, mine[: len(points)], mine[len(points) :]))
+    return results
+
+
 def evaluate_replicas(
     model: PrefixSubspaceModel,
     engine,
@@ -172,24 +208,9 @@ def evaluate_replicas(
     granularity: str = "example_layer",
     desc: str | None = None,
 ) -> list[dict]:
-    """Score each replica r on ``examples[r]`` under ``mode``, all in one stacked pass; a dict per replica
-    with the metrics, ``mode`` and ``n`` (plus ``*_std`` and ``samples`` for ``sampled:S``).
-
-    ``sampled:S`` is the paper's non-deterministic validation metric: S draws, in each a point per example (and
-    per layer for ``example_layer``) drawn as training draws it; the metric of each draw, then their mean and
-    sample SD. ``ensemble:S`` averages class probabilities over the same S points; ``models:S`` scores S whole
-    models of the subspace (one point per layer, the same for every example).
-    """
-    kind, number = check_eval_mode(mode)
-    points = mode_points(model, kind, number, granularity)
-    queries = [Query(exs, p, r) for r, exs in enumerate(examples) for p in points]
-    outputs = model_outputs(model, engine, queries, collator, batch_size, desc)
-    results = []
-    for r, exs in enumerate(examples):
-        labels = torch.tensor([e["label"] for e in exs])
-        mine = outputs[r * len(points) : (r + 1) * len(points)]
-        results.append({**_score(task, kind, mine, labels), "mode": mode, "n": len(exs)})
-    return results
+    """Each replica's result of :func:`score_replicas` (the metrics, ``mode``, ``n``)."""
+    scored = score_replicas(model, engine, examples, collator, task, mode, batch_size, granularity, desc)
+    return [result for result, _, _ in scored]
 
 
 def evaluate(
@@ -202,7 +223,7 @@ def evaluate(
     batch_size: int = 32,
     granularity: str = "example_layer",
 ) -> dict:
-    """Score ``examples`` under ``mode`` with a one-replica model (see :func:`evaluate_replicas`)."""
+    """Score ``examples`` under ``mode`` with a one-replica model (see :func:`score_replicas`)."""
     return evaluate_replicas(model, engine, [examples], collator, task, mode, batch_size, granularity)[0]
 
 
@@ -217,16 +238,10 @@ def evaluate_with_outputs(
     granularity: str = "example_layer",
     extra_points: Sequence[Point] = (),
 ) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]]:
-    """:func:`evaluate`'s result (the same dict), with the class logits ``[N, C]`` of each of the mode's points and
-    of each of ``extra_points``, all scored in one stacked pass (e.g. the centroid beside an ensemble's S points,
-    so that calibration can compare them at the cost of one more point)."""
-    kind, number = check_eval_mode(mode)
-    points = mode_points(model, kind, number, granularity)
-    queries = [Query(examples, p) for p in [*points, *extra_points]]
-    outputs = model_outputs(model, engine, queries, collator, batch_size)
-    labels = torch.tensor([e["label"] for e in examples])
-    result = {**_score(task, kind, outputs[: len(points)], labels), "mode": mode, "n": len(examples)}
-    return result, outputs[: len(points)], outputs[len(points) :]
+    """:func:`evaluate`'s result with the logits of the mode's points and of ``extra_points`` (one replica of
+    :func:`score_replicas`)."""
+    args = (model, engine, [examples], collator, task, mode, batch_size, granularity)
+    return score_replicas(*args, extra_points=extra_points)[0]
 
 
 def from_offset(point: Point, offset: int) -> Point:
