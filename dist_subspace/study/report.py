@@ -18,6 +18,7 @@ from typing import Any
 from dist_subspace.files import write_atomic, write_json
 from dist_subspace.study.plot import plot
 from dist_subspace.study.spec import BASELINE, DERIVED, StudySpec
+from dist_subspace.study.spread import simplex_spread, spread_markdown
 from dist_subspace.study.stats import holm, mean_sd, paired, sign_flip_test
 
 Key = tuple[str, str, str]  # (task, model, method)
@@ -155,8 +156,10 @@ def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str]
     root.mkdir(parents=True, exist_ok=True)
     summary = summarise(spec, cells)
     curves = diversity_curves(cells, spec)
-    text = markdown(spec, summary)
+    spread = simplex_spread(cells, select_lrs(cells, spec))
+    text = markdown(spec, summary) + "\n**How much the simplex varies** (mean over seeds)\n\n" + spread_markdown(spread)
     record = {"spec": asdict(spec), "model_kinds": kinds, "cells": cells, **summary, "diversity": curves}
+    record["spread"] = spread
     write_json(root / "study.json", record, indent=1)
     write_atomic(root / "study.md", text + "\n")
     plot(spec, summary, curves, root / "study.png")

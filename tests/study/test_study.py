@@ -78,6 +78,8 @@ def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_ass
     assert (whole / "study.png").read_bytes()[:4] == b"\x89PNG"
     record = json.loads((whole / "study.json").read_text())
     assert {c["commit"] for c in record["cells"]} == {source_commit()}  # None outside a git checkout
+    spread = record["spread"][f"{model} {task} k3_sampled"]  # how much the trained simplex varies
+    assert spread["seeds"] == 2 and 0 <= spread["cos2"] <= 1 and spread["sampled_dev_sd"] >= 0
     sampled = next(c for c in record["cells"] if c["method"] == "k3_sampled")
     config = load_config(Path(sampled["folder"]) / "config.yaml")
     assert config.eval.select_by == "sampled:2" and config.eval.extra_test_modes == ["ensemble:2"]

@@ -1,0 +1,85 @@
+"""How much the trained simplex varies, per method and task (mean over seeds at the selected learning rate), read
+from the run folders: does every point of the subspace score the same, or do its points differ?
+
+- ``selected_step``: the step the dev score picked;
+- ``cos2``, ``cos2_centred``: the vertices' mean pairwise cos² at the last step (raw, and centred over their P
+  positions, which removes what all prefix tokens of a layer share);
+- ``sampled_dev_sd``: the sample SD of the dev metric over the S draws of ``sampled:S`` at the last evaluation
+  (methods selected by it), the spread of the paper's non-deterministic metric;
+- ``landscape_range``: the largest minus the smallest dev metric over the landscape's grid on the triangle (the
+  same point in every layer), when the runs drew it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dist_subspace.files import read_json
+
+
+def _rows(folder: Path) -> list[dict]:
+    path = folder / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run_spread(folder: Path) -> dict[str, float]:
+    """One seed's numbers (those its run folder has)."""
+    rows, out = _rows(folder), {}
+    train = [r for r in rows if r["split"] == "train" and "cos2" in r]
+    if train:
+        out["cos2"], out["cos2_centred"] = train[-1]["cos2"], train[-1]["cos2_centred"]
+    sampled = [r for r in rows if r["split"] == "dev" and str(r.get("mode", "")).startswith("sampled:")]
+    if sampled:
+        sds = [v for k, v in sampled[-1].items() if k.endswith("_std") and isinstance(v, (int, float))]
+        if sds:
+            out["sampled_dev_sd"] = sds[0]
+    landscape = read_json(folder / "landscape.json")
+    if isinstance(landscape, dict) and landscape.get("values"):
+        out["landscape_range"] = max(landscape["values"]) - min(landscape["values"])
+    return out
+
+
+def simplex_spread(cells: list[dict], chosen: dict[tuple[str, str, str], float]) -> dict[str, dict[str, Any]]:
+    """Per ``"model task method"`` (trained methods at their selected rate ``chosen``): each number's mean over seeds,
+    and ``seeds``."""
+    groups: dict[str, list[dict]] = {}
+    for c in cells:
+        if chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
+            continue
+        numbers = {"selected_step": c["selected_step"], **run_spread(Path(c["folder"]))}
+        groups.setdefault(f"{c['model']} {c['task']} {c['method']}", []).append(numbers)
+    spread = {}
+    for key, seeds in groups.items():
+        names = sorted({name for s in seeds for name in s if s[name] is not None})
+        row: dict[str, Any] = {"seeds": len(seeds)}
+        for name in names:
+            values = [s[name] for s in seeds if s.get(name) is not None]
+            row[name] = statistics.mean(values)
+        spread[key] = row
+    return spread
+
+
+def spread_markdown(spread: dict[str, dict[str, Any]]) -> str:
+    """The spread as a table (cos² and ranges as they are, metrics x100)."""
+    head = [
+        "model task method",
+        "selected step",
+        "cos² raw",
+        "cos² centred",
+        "sampled dev SD ×100",
+        "landscape range ×100",
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key, row in spread.items():
+
+        def cell(name: str, scale: float = 1.0, digits: int = 3, row=row) -> str:
+            return f"{scale * row[name]:.{digits}f}" if name in row else "—"
+
+        lines.append(
+            f"| {key} | {cell('selected_step', digits=1)} | {cell('cos2')} | {cell('cos2_centred')} | "
+            f"{cell('sampled_dev_sd', 100, 1)} | {cell('landscape_range', 100, 1)} |"
+        )
+    return "\n".join(lines)
