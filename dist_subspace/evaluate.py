@@ -23,7 +23,7 @@ from dist_subspace.cli import USER_ERRORS, exit_now, user_error
 from dist_subspace.config import ConfigError, check_eval_mode
 from dist_subspace.evaluation import calibration
 from dist_subspace.evaluation.scoring import evaluate_with_outputs, write_landscape
-from dist_subspace.training.finished import finished_run_config, load_finished_run
+from dist_subspace.training.reload import finished_run_config, load_finished_run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,7 +195,7 @@ def row_writer(out: Path | None) -> Iterator[Callable[[list[dict]], None]]:
 
 
 def predict_chunks(run, examples: Sequence[Example], mode: str, chunk: int, batch_size: int) -> Iterator[list[dict]]:
-    """Label ``examples`` with a loaded run (:class:`~dist_subspace.training.finished.FinishedRun`) in ``mode``:
+    """Label ``examples`` with a loaded run (:class:`~dist_subspace.training.reload.FinishedRun`) in ``mode``:
     ``chunk`` inputs at a time, each chunk one stacked pass of the mode's points; yields each chunk's rows (on
     every process: the outputs are gathered on all). Every process must draw every chunk (the passes are
     collective)."""
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=CHUNK, help="inputs per stacked pass")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from dist_subspace.training.finished import finished_run_config, load_finished_run
+    from dist_subspace.training.reload import finished_run_config, load_finished_run
 
     try:  # everything a user can get wrong, before the model loads
         if args.batch_size < 1 or args.chunk < 1:

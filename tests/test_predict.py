@@ -55,7 +55,7 @@ def reference(run, inputs):
     ``[N, C]`` and the 4 ensemble points' ``[4, N, C]``."""
     from dist_subspace import simplex
     from dist_subspace.evaluation.scoring import Query, mode_points, model_outputs
-    from dist_subspace.training.finished import finished_run_config, load_finished_run
+    from dist_subspace.training.reload import finished_run_config, load_finished_run
 
     loaded = load_finished_run(run, finished_run_config(run))
     try:
