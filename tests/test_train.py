@@ -56,6 +56,23 @@ def test_run_folder_contract(finished_run):
     assert (out / "landscape.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_run_folder_names_no_module_path_so_it_outlives_a_move(finished_run):
+    """What a run writes is safetensors, JSON, YAML, PNG and the model card's prose: nothing pickled, nothing that
+    names where a class of this package lives (a run folder made before the layers moved still loads)."""
+    from safetensors import safe_open
+
+    for path in (p for p in finished_run.rglob("*") if p.is_file()):
+        data = path.read_bytes()
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                assert f.keys() is not None  # a safetensors header, no pickle
+            continue
+        assert path.suffix in (".json", ".jsonl", ".yaml", ".png", ".md"), path
+        assert not data.startswith(b"\x80"), path  # a pickle's protocol byte
+        if path.suffix != ".md":  # the card quotes the command (python -m dist_subspace.train ...), as prose
+            assert b"dist_subspace." not in data, path
+
+
 def test_trace_matches_the_stateless_sampler(finished_run):
     trace = load_file(str(finished_run / "ranks" / "trace-rank-0.safetensors"))
     index, alpha = trace["step5.micro0.index"], trace["step5.micro0.alpha"]
