@@ -121,7 +121,7 @@ def markdown(spec: StudySpec, summary: dict) -> str:
                 ci = f"[{_points(v['ci95'][0])}, {_points(v['ci95'][1])}]" if v else ""
                 cells.append(f"{_points(v['mean_diff'])} {ci} ({v['wins']}/{v['n']})" if v else "—")
             v = row.get("vs_k1")
-            tasks = f", {v['tasks']} tasks" if v else ""
+            tasks = f", {v['tasks']} task{'s' * (v['tasks'] != 1)}" if v else ""
             cells.append(f"{_points(v['mean_diff'])} (p={v['p']:.3f}; {v['p_holm']:.3f}{tasks})" if v else "—")
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
