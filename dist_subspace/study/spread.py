@@ -7,7 +7,9 @@ from the run folders: does every point of the subspace score the same, or do its
 - ``sampled_dev_sd``: the sample SD of the dev metric over the S draws of ``sampled:S`` at the last evaluation
   (methods selected by it), the spread of the paper's non-deterministic metric;
 - ``landscape_range``: the largest minus the smallest dev metric over the landscape's grid on the triangle (the
-  same point in every layer), when the runs drew it.
+  same point in every layer), when the runs drew it;
+- ``centre_gap``: on that grid, the dev metric at the centroid minus the mean of the K vertices' (positive: the
+  centre is a better model than the corners it mixes).
 """
 
 from __future__ import annotations
@@ -39,7 +41,19 @@ def run_spread(folder: Path) -> dict[str, float]:
     landscape = read_json(folder / "landscape.json")
     if isinstance(landscape, dict) and landscape.get("values"):
         out["landscape_range"] = max(landscape["values"]) - min(landscape["values"])
+        gap = centre_gap(landscape["points"], landscape["values"])
+        if gap is not None:
+            out["centre_gap"] = gap
     return out
+
+
+def centre_gap(points: list[list[float]], values: list[float]) -> float | None:
+    """The metric at the grid point nearest the centroid minus the mean over the vertices (points ``[N, K]``,
+    values ``[N]``); None without a vertex."""
+    k = len(points[0])
+    centre = min(range(len(points)), key=lambda i: sum((a - 1 / k) ** 2 for a in points[i]))
+    corners = [v for p, v in zip(points, values, strict=True) if max(p) > 1 - 1e-6]
+    return values[centre] - statistics.mean(corners) if corners else None
 
 
 def simplex_spread(cells: list[dict], chosen: dict[tuple[str, str, str], float]) -> dict[str, dict[str, Any]]:
@@ -71,6 +85,7 @@ def spread_markdown(spread: dict[str, dict[str, Any]]) -> str:
         "cos² centred",
         "sampled dev SD ×100",
         "landscape range ×100",
+        "centre − vertices ×100",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, row in spread.items():
@@ -80,6 +95,6 @@ def spread_markdown(spread: dict[str, dict[str, Any]]) -> str:
 
         lines.append(
             f"| {key} | {cell('selected_step', digits=1)} | {cell('cos2')} | {cell('cos2_centred')} | "
-            f"{cell('sampled_dev_sd', 100, 1)} | {cell('landscape_range', 100, 1)} |"
+            f"{cell('sampled_dev_sd', 100, 1)} | {cell('landscape_range', 100, 1)} | {cell('centre_gap', 100, 1)} |"
         )
     return "\n".join(lines)

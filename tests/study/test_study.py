@@ -166,3 +166,20 @@ def test_bad_study_specs_are_refused(tmp_path, capsys):
     assert "read from k3" in capsys.readouterr().err
     assert study_main([str(spec), "methodz=[k1]"]) == 2
     assert "did you mean methods" in capsys.readouterr().err
+
+
+def test_centre_gap_reads_the_centroid_against_the_corners_of_a_landscape_grid(tmp_path):
+    """A landscape as the trainer writes it (resolution 4 plus the centroid last): the gap is the centroid's metric
+    minus the vertices' mean, and the range spans the whole grid."""
+    from dist_subspace.study.spread import run_spread
+
+    points = [[i / 4, j / 4, (4 - i - j) / 4] for i in range(5) for j in range(5 - i)] + [[1 / 3] * 3]
+    values = [0.5] * len(points)
+    for p_i, p in enumerate(points):
+        if max(p) == 1.0:
+            values[p_i] = {0: 0.6, 1: 0.7, 2: 0.8}[p.index(1.0)]
+    values[-1] = 0.9
+    (tmp_path / "landscape.json").write_text(json.dumps({"points": points, "values": values, "metric": "accuracy"}))
+    out = run_spread(tmp_path)
+    assert out["centre_gap"] == pytest.approx(0.9 - 0.7)
+    assert out["landscape_range"] == pytest.approx(0.9 - 0.5)
