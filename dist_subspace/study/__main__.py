@@ -2,16 +2,19 @@
 
 python -m dist_subspace.study configs/study_fewshot.yaml --dry-run    # the cells and an estimated time
 python -m dist_subspace.study configs/study_fewshot.yaml              # run (hours on CPU), then report
+python -m dist_subspace.study configs/study_fewshot.yaml --stop-after 0 --compare k3_last k1_last   # two methods
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from dist_subspace.cli import exit_now, user_error
 from dist_subspace.config import ConfigError
 from dist_subspace.study.fanout import LAUNCHERS
+from dist_subspace.study.report import compare
 from dist_subspace.study.run import run_study
 from dist_subspace.study.spec import load_spec
 
@@ -31,9 +34,19 @@ def main(argv: list[str] | None = None) -> int:
         help="local: this machine; slurm: one submitit job per unit (the spec's slurm: parameters); "
         "submitit-local: the same jobs as local processes",
     )
+    parser.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("METHOD", "VERSUS"),
+        help="also print METHOD against VERSUS (any two of the spec's methods) from the finished cells",
+    )
     args = parser.parse_intermixed_args(argv)
     try:
         spec = load_spec(args.spec, args.overrides)
+        if args.compare and not set(args.compare) <= set(spec.methods):
+            raise ConfigError(
+                f"--compare {' '.join(args.compare)}: both must be among the spec's methods {spec.methods}"
+            )
         result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher)
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         return user_error(err)
@@ -41,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(result["markdown"])
     else:
         print(json.dumps({k: v for k, v in result.items() if k != "markdown"}))
+    if args.compare and "output_dir" in result:
+        cells = json.loads((Path(result["output_dir"]) / "study.json").read_text())["cells"]
+        print(compare(spec, cells, *args.compare))
     return 0
 
 

@@ -166,6 +166,39 @@ def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str]
     return {**summary, "cells": len(cells), "markdown": text, "output_dir": str(root)}
 
 
+def compare(spec: StudySpec, cells: list[dict], method: str, versus: str) -> str:
+    """``method`` against ``versus`` (any two methods, e.g. ``k3_last`` against ``k1_last``), as markdown per model:
+    per task the paired difference with its 95 % interval and wins, over the tasks where both ran the sign-flip
+    test (one comparison: no multiplicity correction)."""
+    scores = method_scores(cells, spec)
+    out = []
+    for model in spec.models:
+        pairs, cells_md = {}, []
+        for task in spec.tasks:
+            mine, base = scores.get((task, model, method), {}), scores.get((task, model, versus), {})
+            v = paired(mine, base)
+            if v is None:
+                cells_md.append("—")
+                continue
+            pairs[task] = [(mine[k], base[k]) for k in sorted(set(mine) & set(base))]
+            ci = f"[{_points(v['ci95'][0])}, {_points(v['ci95'][1])}]"
+            cells_md.append(f"{_points(v['mean_diff'])} {ci} ({v['wins']}/{v['n']})")
+        if not pairs:
+            continue
+        over = sign_flip_test(pairs)
+        tasks = f"{over['tasks']} task{'s' * (over['tasks'] != 1)}"
+        cells_md.append(f"{_points(over['mean_diff'])} (p={over['p']:.3f}, {tasks})")
+        out += [
+            f"**{model}**: {method} − {versus}, points [95 % interval] (wins/n)",
+            "",
+            "| " + " | ".join([*spec.tasks, "over tasks"]) + " |",
+            "|" + "---|" * (len(spec.tasks) + 1),
+            "| " + " | ".join(cells_md) + " |",
+            "",
+        ]
+    return "\n".join(out)
+
+
 def rebuild(study_json: Path) -> dict:
     """The report again from a ``study.json`` alone (nothing is rerun)."""
     record = json.loads(study_json.read_text())

@@ -183,3 +183,19 @@ def test_centre_gap_reads_the_centroid_against_the_corners_of_a_landscape_grid(t
     out = run_spread(tmp_path)
     assert out["centre_gap"] == pytest.approx(0.9 - 0.7)
     assert out["landscape_range"] == pytest.approx(0.9 - 0.5)
+
+
+def test_compare_pairs_any_two_methods_derived_ones_included():
+    """k3_last against k1_last: each read from its source's runs (test_last) at the source's dev-picked rate."""
+    from dist_subspace.study.report import compare
+
+    spec = StudySpec(tasks=["t"], models=["m"], methods=["k1", "k1_last", "k3", "k3_last"], lrs=[0.01], seeds=3)
+    last = {"k1": [0.60, 0.70, 0.80], "k3": [0.62, 0.70, 0.83]}
+    cells = [
+        {"task": "t", "model": "m", "method": m, "lr": 0.01, "seed": s, "dev": 0.5, "test": 0.5, "test_last": v[s]}
+        for m, v in last.items()
+        for s in range(3)
+    ]
+    text = compare(spec, cells, "k3_last", "k1_last")
+    assert "k3_last − k1_last" in text and "(2/3)" in text and "+1.7 [" in text  # mean of 2, 0, 3 points
+    assert "+0.0 [+0.0, +0.0] (0/3) | +0.0 (p=1.000, 1 task)" in compare(spec, cells, "k3", "k1")  # 0.5 against 0.5
