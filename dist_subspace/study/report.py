@@ -57,6 +57,21 @@ def method_scores(cells: list[dict], spec: StudySpec) -> dict[Key, dict[int, flo
     return scores
 
 
+def _versus(
+    scores: dict[Key, dict[int, float]], spec: StudySpec, model: str, method: str, baseline: str
+) -> tuple[dict[str, dict[str, Any]], dict[str, Any] | None]:
+    """``method`` against ``baseline`` on ``model``: per task (where both have 2 or more common seeds) the paired
+    difference, and over those tasks the sign-flip test (None where no task has one)."""
+    per_task, pairs = {}, {}
+    for task in spec.tasks:
+        mine, base = scores.get((task, model, method), {}), scores.get((task, model, baseline), {})
+        versus = paired(mine, base)
+        if versus:
+            per_task[task] = versus
+            pairs[task] = [(mine[k], base[k]) for k in sorted(set(mine) & set(base))]
+    return per_task, (sign_flip_test(pairs) if pairs else None)
+
+
 def summarise(spec: StudySpec, cells: list[dict]) -> dict:
     """The table as data. Per model, per method: per task mean, sample SD and n, and the paired difference from
     K = 1 with its interval; ``vs_k1``: over the tasks where both ran, the mean of the per-task differences, its
@@ -67,19 +82,17 @@ def summarise(spec: StudySpec, cells: list[dict]) -> dict:
         rows = table.setdefault(model, {})
         for method in spec.methods:
             row: dict[str, Any] = {}
-            pairs = {}
             for task in spec.tasks:
-                mine, base = scores.get((task, model, method), {}), scores.get((task, model, BASELINE), {})
-                if not mine:
-                    continue
-                mean, sd = mean_sd(list(mine.values()))
-                row[task] = {"mean": mean, "sd": sd, "n": len(mine)}
-                versus = paired(mine, base) if method != BASELINE else None
-                if versus:
+                mine = scores.get((task, model, method), {})
+                if mine:
+                    mean, sd = mean_sd(list(mine.values()))
+                    row[task] = {"mean": mean, "sd": sd, "n": len(mine)}
+            if method != BASELINE:
+                per_task, over = _versus(scores, spec, model, method, BASELINE)
+                for task, versus in per_task.items():
                     row[task]["vs_k1"] = versus
-                    pairs[task] = [(mine[k], base[k]) for k in sorted(set(mine) & set(base))]
-            if pairs:
-                row["vs_k1"] = sign_flip_test(pairs)
+                if over:
+                    row["vs_k1"] = over
             if row:
                 rows[method] = row
         family = {m: r["vs_k1"]["p"] for m, r in rows.items() if "vs_k1" in r}
@@ -91,6 +104,16 @@ def summarise(spec: StudySpec, cells: list[dict]) -> dict:
 
 def _points(value: float) -> str:
     return f"{100 * value:+.1f}"
+
+
+def _paired_cell(versus: dict[str, Any]) -> str:
+    """One task's paired difference: points, its 95 % interval, wins/n."""
+    low, high = versus["ci95"]
+    return f"{_points(versus['mean_diff'])} [{_points(low)}, {_points(high)}] ({versus['wins']}/{versus['n']})"
+
+
+def _task_count(n: int) -> str:
+    return f"{n} task{'s' * (n != 1)}"
 
 
 def markdown(spec: StudySpec, summary: dict) -> str:
@@ -118,11 +141,13 @@ def markdown(spec: StudySpec, summary: dict) -> str:
             cells = [method]
             for task in spec.tasks:
                 v = row.get(task, {}).get("vs_k1")
-                ci = f"[{_points(v['ci95'][0])}, {_points(v['ci95'][1])}]" if v else ""
-                cells.append(f"{_points(v['mean_diff'])} {ci} ({v['wins']}/{v['n']})" if v else "—")
+                cells.append(_paired_cell(v) if v else "—")
             v = row.get("vs_k1")
-            tasks = f", {v['tasks']} task{'s' * (v['tasks'] != 1)}" if v else ""
-            cells.append(f"{_points(v['mean_diff'])} (p={v['p']:.3f}; {v['p_holm']:.3f}{tasks})" if v else "—")
+            cells.append(
+                f"{_points(v['mean_diff'])} (p={v['p']:.3f}; {v['p_holm']:.3f}, {_task_count(v['tasks'])})"
+                if v
+                else "—"
+            )
             out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
@@ -173,21 +198,11 @@ def compare(spec: StudySpec, cells: list[dict], method: str, versus: str) -> str
     scores = method_scores(cells, spec)
     out = []
     for model in spec.models:
-        pairs, cells_md = {}, []
-        for task in spec.tasks:
-            mine, base = scores.get((task, model, method), {}), scores.get((task, model, versus), {})
-            v = paired(mine, base)
-            if v is None:
-                cells_md.append("—")
-                continue
-            pairs[task] = [(mine[k], base[k]) for k in sorted(set(mine) & set(base))]
-            ci = f"[{_points(v['ci95'][0])}, {_points(v['ci95'][1])}]"
-            cells_md.append(f"{_points(v['mean_diff'])} {ci} ({v['wins']}/{v['n']})")
-        if not pairs:
+        per_task, over = _versus(scores, spec, model, method, versus)
+        if over is None:
             continue
-        over = sign_flip_test(pairs)
-        tasks = f"{over['tasks']} task{'s' * (over['tasks'] != 1)}"
-        cells_md.append(f"{_points(over['mean_diff'])} (p={over['p']:.3f}, {tasks})")
+        cells_md = [_paired_cell(per_task[task]) if task in per_task else "—" for task in spec.tasks]
+        cells_md.append(f"{_points(over['mean_diff'])} (p={over['p']:.3f}, {_task_count(over['tasks'])})")
         out += [
             f"**{model}**: {method} − {versus}, points [95 % interval] (wins/n)",
             "",
