@@ -18,7 +18,7 @@ from typing import Any
 from dist_subspace.files import write_atomic, write_json
 from dist_subspace.study.plot import plot
 from dist_subspace.study.spec import BASELINE, DERIVED, StudySpec
-from dist_subspace.study.spread import simplex_spread, spread_markdown
+from dist_subspace.study.spread import metrics_rows, simplex_spread, spread_markdown
 from dist_subspace.study.stats import holm, mean_sd, paired, sign_flip_test
 
 Key = tuple[str, str, str]  # (task, model, method)
@@ -160,9 +160,7 @@ def diversity_curves(cells: list[dict], spec: StudySpec, methods: tuple[str, ...
     for c in cells:
         if c["method"] not in methods or chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
             continue
-        path = Path(c["folder"]) / "metrics.jsonl"
-        for line in path.read_text().splitlines() if path.is_file() else []:
-            row = json.loads(line)
+        for row in metrics_rows(Path(c["folder"])):
             if row["split"] == "train" and "cos2" in row:
                 key = f"{c['model']} {c['task']} {c['method']}"
                 curves.setdefault(key, {}).setdefault(row["step"], []).append((row["cos2"], row["cos2_centred"]))

@@ -22,14 +22,15 @@ from typing import Any
 from dist_subspace.files import read_json
 
 
-def _rows(folder: Path) -> list[dict]:
+def metrics_rows(folder: Path) -> list[dict]:
+    """A run folder's ``metrics.jsonl`` rows (none when it has none)."""
     path = folder / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
 def run_spread(folder: Path) -> dict[str, float]:
     """One seed's numbers (those its run folder has)."""
-    rows, out = _rows(folder), {}
+    rows, out = metrics_rows(folder), {}
     train = [r for r in rows if r["split"] == "train" and "cos2" in r]
     if train:
         out["cos2"], out["cos2_centred"] = train[-1]["cos2"], train[-1]["cos2_centred"]
