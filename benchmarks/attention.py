@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from transformers import AutoModelForCausalLM
 
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     path = resolve_model(args.model)

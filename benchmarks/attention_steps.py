@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.timing import Step, interleaved_times, ratio
-from dist_subspace import attention
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices, last_real_token_only
+from dist_subspace.core import attention
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, last_real_token_only
 
 
 @dataclass

@@ -32,7 +32,7 @@ import json
 import sys
 
 from benchmarks.sides import MODEL_CONFIGS, SIDES, BenchSpec
-from dist_subspace.cli import OneLineParser
+from dist_subspace.core.cli import OneLineParser
 
 
 def _positive(flag: str, value: int, least: int = 1) -> None:
@@ -108,7 +108,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from dist_subspace.cli import user_error
+    from dist_subspace.core.cli import user_error
 
     try:
         spec = spec_from_args(args)

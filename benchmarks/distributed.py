@@ -42,7 +42,7 @@ def train_recording_comms(argv: list[str]) -> NoReturn:
     """``python -m benchmarks.distributed OUT_DIR [train overrides]``: the trainer, then this rank's
     DeepSpeed comms-logger records as ``OUT_DIR/comms-rank-R.json`` (``{op: {"calls", "bytes"}}``, message bytes
     as the logger counts them: for an all-gather, this rank's shard)."""
-    from dist_subspace.cli import exit_now
+    from dist_subspace.core.cli import exit_now
     from dist_subspace.train import main as train
 
     code = train(argv[1:])

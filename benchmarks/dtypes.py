@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.timing import interleaved_times, ratios
-from dist_subspace import simplex
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core import simplex
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 
 
 def _model(path: str, dtype: torch.dtype, decoder: bool, words, classes: int, prefix: int) -> PrefixSubspaceModel:
@@ -37,10 +37,10 @@ def dtype_facts(model_name: str, dtypes: list[str], batch: int, eval_batch: int,
     """Seconds per training step and per evaluation forward for each dtype, their ratios to the first dtype."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from dist_subspace.arch import arch_spec
+    from dist_subspace.core.arch import arch_spec
+    from dist_subspace.core.embedded import resolve_model
     from dist_subspace.data.batching import Collator, label_token_ids
     from dist_subspace.data.sources import load_splits
-    from dist_subspace.embedded import resolve_model
 
     path = resolve_model(model_name)
     decoder = arch_spec(AutoConfig.from_pretrained(path)).kind == "decoder"

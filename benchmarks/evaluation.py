@@ -51,7 +51,7 @@ def _overrides(model: str, examples: int, out: Path) -> list[str]:
 
 def _worker(result_path: str, model: str, examples: int, points: int, batch: int, rounds: int) -> None:
     """One rank: build the model as the trainer does, then time both sides ``rounds`` times."""
-    from dist_subspace.config import load_config
+    from dist_subspace.core.config import load_config
     from dist_subspace.evaluation.scoring import Query, mode_points, model_outputs
     from dist_subspace.training.recipe import Recipe
 

@@ -40,8 +40,8 @@ import torch
 from benchmarks.attention_gpu import gpu_report
 from benchmarks.measure import measure, sampler_mixer
 from benchmarks.sides import MODEL_CONFIGS, SIDES, BenchSpec, Side, Workload, build_workload, load_backbone
-from dist_subspace import simplex
-from dist_subspace.arch import prefix_geometry
+from dist_subspace.core import simplex
+from dist_subspace.core.arch import prefix_geometry
 
 # Dense bf16 peak of a GPU (TFLOP/s, from the vendor's data sheets), the first name found in the device name.
 PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -259,7 +259,7 @@ def run_check(out: Path, dry_run: bool, seq_lens: tuple[int, ...], batch: int, r
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dist_subspace.cli import OneLineParser
+    from dist_subspace.core.cli import OneLineParser
 
     default_out = Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else Path("gpu_check.json")
     p = OneLineParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n")[0])

@@ -19,8 +19,8 @@ import torch
 
 from benchmarks.sides import ROOT, SIDES, BenchSpec, Side, Workload, build_workload, step_flops
 from benchmarks.timing import interleaved_times, ratios, synchronize
-from dist_subspace import simplex
-from dist_subspace.arch import prefix_geometry
+from dist_subspace.core import simplex
+from dist_subspace.core.arch import prefix_geometry
 
 
 # ---- memory ----------------------------------------------------------------------------------------

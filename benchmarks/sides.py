@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dist_subspace.arch import prefix_geometry
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
-from dist_subspace.paths import CHECKOUT
+from dist_subspace.core.arch import prefix_geometry
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.paths import CHECKOUT
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
@@ -150,7 +150,7 @@ def load_backbone(name: str, dtype: torch.dtype, device: torch.device) -> tuple[
         with torch.device(device):  # built in place: a 1B model never goes through host memory
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         return model.eval().requires_grad_(False), None
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     path = resolve_model(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True).to(device)
@@ -258,7 +258,7 @@ def peft_side(w: Workload) -> Side:
 def _with_attention(prefix_path: bool, step: Callable[[], None], backbone: nn.Module) -> Callable[[], None]:
     """Run ``step`` with this project's prefix attention path on or off (the sides share one backbone; the
     switch is a config field, well under a millisecond)."""
-    from dist_subspace import attention
+    from dist_subspace.core import attention
 
     def run() -> None:
         attention.enable(backbone) if prefix_path else attention.disable(backbone)

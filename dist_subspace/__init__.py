@@ -1,7 +1,7 @@
 """Prefix subspaces: a simplex of K prefixes over a frozen transformers model (see README.md)."""
 
-from dist_subspace.model import PrefixSimplex, PrefixSubspaceModel, SimplexHead, initial_vertices, prefix_cache
-from dist_subspace.simplex import (
+from dist_subspace.core.model import PrefixSimplex, PrefixSubspaceModel, SimplexHead, initial_vertices, prefix_cache
+from dist_subspace.core.simplex import (
     centroid_alpha,
     cosine_regulariser,
     expand_alpha,

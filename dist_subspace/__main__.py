@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The console script: run the command, then leave as the commands do (flushed, at once)."""
-    from dist_subspace.cli import exit_now
+    from dist_subspace.core.cli import exit_now
 
     exit_now(main())
 

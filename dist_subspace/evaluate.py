@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace import simplex
-from dist_subspace.cli import USER_ERRORS, exit_now, user_error
-from dist_subspace.config import ConfigError, check_eval_mode
+from dist_subspace.core import simplex
+from dist_subspace.core.cli import USER_ERRORS, exit_now, user_error
+from dist_subspace.core.config import ConfigError, check_eval_mode
 from dist_subspace.evaluation import calibration
 from dist_subspace.evaluation.scoring import evaluate_with_outputs, write_landscape
 from dist_subspace.training.reload import finished_run_config, load_finished_run

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_subspace import simplex
-from dist_subspace.cli import USER_ERRORS, exit_now, user_error
-from dist_subspace.config import ConfigError
+from dist_subspace.core import simplex
+from dist_subspace.core.cli import USER_ERRORS, exit_now, user_error
+from dist_subspace.core.config import ConfigError
 
 
 def parse_point(point: str, num_vertices: int) -> torch.Tensor:
@@ -64,8 +64,8 @@ def generate_ids(
     -> new token ids ``[B, N]`` (N <= max_new_tokens; rows that ended are filled with ``eos_token_id``)."""
     from transformers import DynamicCache
 
-    from dist_subspace.arch import arch_spec, input_position_ids
-    from dist_subspace.model import prefix_attention_mask
+    from dist_subspace.core.arch import arch_spec, input_position_ids
+    from dist_subspace.core.model import prefix_attention_mask
 
     config = backbone.config
     batch, p = input_ids.shape[0], prefix.shape[4]
@@ -126,9 +126,9 @@ def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32) -> tuple[n
     """A finished decoder run's backbone (loaded as in training), tokenizer and vertices ``[K, L, 2, H_kv, P, D]``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dist_subspace.arch import arch_spec
-    from dist_subspace.config import load_config
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.arch import arch_spec
+    from dist_subspace.core.config import load_config
+    from dist_subspace.core.embedded import resolve_model
 
     run_dir = Path(run_dir)
     vertices = read_vertices(run_dir)

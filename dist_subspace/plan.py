@@ -21,9 +21,9 @@ import re
 from dataclasses import asdict
 from pathlib import Path
 
-from dist_subspace.cli import USER_ERRORS, user_error
-from dist_subspace.config import ConfigError, load_config
-from dist_subspace.paths import DS_CONFIGS, MODEL_CONFIGS, shown
+from dist_subspace.core.cli import USER_ERRORS, user_error
+from dist_subspace.core.config import ConfigError, load_config
+from dist_subspace.core.paths import DS_CONFIGS, MODEL_CONFIGS, shown
 from dist_subspace.training import memory
 
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20}

@@ -31,8 +31,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
-from dist_subspace.cli import USER_ERRORS, OneLineParser, exit_now, user_error
-from dist_subspace.config import Config, ConfigError, check_eval_mode
+from dist_subspace.core.cli import USER_ERRORS, OneLineParser, exit_now, user_error
+from dist_subspace.core.config import Config, ConfigError, check_eval_mode
 from dist_subspace.data.tables import read_table
 from dist_subspace.data.tasks import GLUE, LOCAL_SUFFIXES, TASKS, Example, TaskSpec
 from dist_subspace.training.preflight import is_main_rank
@@ -42,7 +42,7 @@ CHUNK = 256
 
 
 def say_error(err: BaseException) -> int:
-    """:func:`~dist_subspace.cli.user_error` from the main process only (every rank meets the same bad input)."""
+    """:func:`~dist_subspace.core.cli.user_error` from the main process only (every rank meets the same bad input)."""
     return user_error(err) if is_main_rank() else 2
 
 

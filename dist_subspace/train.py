@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from dist_subspace.cli import USER_ERRORS, collective_failure, exit_now, run_stopped, user_error
-from dist_subspace.config import Config, ConfigError, load_config
+from dist_subspace.core.cli import USER_ERRORS, collective_failure, exit_now, run_stopped, user_error
+from dist_subspace.core.config import Config, ConfigError, load_config
 from dist_subspace.training.checkpoint import latest_checkpoint, recover_interrupted_saves
 from dist_subspace.training.guards import RunStopped
 from dist_subspace.training.preflight import check_output_dir, check_train, is_main_rank

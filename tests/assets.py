@@ -8,7 +8,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from dist_subspace.embedded import resolve_model
+from dist_subspace.core.embedded import resolve_model
 
 POSITIVE = ["great", "wonderful", "moving", "brilliant", "funny", "charming", "superb", "delightful"]
 NEGATIVE = ["boring", "awful", "dull", "clumsy", "tedious", "bland", "messy", "lifeless"]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace.cli import run_stopped
-from dist_subspace.config import load_config
+from dist_subspace.core.cli import run_stopped
+from dist_subspace.core.config import load_config
 from dist_subspace.training.engine import Engine
 from dist_subspace.training.guards import NonFiniteGuard, RunStopped
 

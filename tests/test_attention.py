@@ -7,8 +7,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from dist_subspace import attention, simplex
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core import attention, simplex
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
 from tests.conftest import _COMMON, DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 from tests.test_model import P, make, random_alpha
 
@@ -177,7 +177,7 @@ def test_grouped_key_value_heads_are_never_repeated(padding):
 def test_each_path_is_logged_once(caplog):
     model = make("llama")
     attention.attention_paths.clear()
-    with caplog.at_level(logging.INFO, logger="dist_subspace.attention"):
+    with caplog.at_level(logging.INFO, logger="dist_subspace.core.attention"):
         for padding in ("right", "right", "left", "left"):
             run(model, *batch_with(padding))
     assert [r.getMessage() for r in caplog.records] == [
@@ -257,7 +257,7 @@ def reference_logits(
     masks = mask4d(window)
     if model.config.model_type == "qwen2":  # per layer type
         masks = {"full_attention": mask4d(None), "sliding_attention": masks}
-    from dist_subspace.arch import input_position_ids
+    from dist_subspace.core.arch import input_position_ids
 
     out = model.backbone(
         input_ids=ids,

@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, DebertaV2Config, DebertaV2Model, GPT2Config, GPT2LMHeadModel
 
-from dist_subspace import simplex
-from dist_subspace.arch import prefix_geometry, sliding_window
-from dist_subspace.export import peft_prefix_config, peft_prefix_weight
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core import simplex
+from dist_subspace.core.arch import prefix_geometry, sliding_window
+from dist_subspace.core.export import peft_prefix_config, peft_prefix_weight
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
 from tests import zero3_checks
 from tests.conftest import DECODER_CONFIGS, WINDOW, run_args, tiny_backbone
 

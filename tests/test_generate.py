@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from dist_subspace import simplex
-from dist_subspace.export import save_peft_prefix
+from dist_subspace.core import simplex
+from dist_subspace.core.export import save_peft_prefix
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.generate import generate, generate_ids, load_run, main, parse_point
-from dist_subspace.model import PrefixSubspaceModel
 from tests.conftest import run_args, tiny_backbone
 from tests.test_families import reference_mask
 
@@ -61,7 +61,7 @@ def test_greedy_equals_peft_with_the_exported_centroid(short_run, loaded, small_
 @pytest.fixture(scope="module")
 def vertex1(loaded, small_assets, tmp_path_factory):
     """Vertex 1 exported as a PEFT adapter, loaded in PEFT, and our greedy tokens at that vertex."""
-    from dist_subspace.arch import prefix_geometry
+    from dist_subspace.core.arch import prefix_geometry
 
     backbone, tokenizer, vertices = loaded
     folder = tmp_path_factory.mktemp("vertex1")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.paths import CHECKOUT as ROOT
 
 # Layers, bottom up: a module may import its own layer and the ones below it.
 LAYERS = ["core", "data", "evaluation", "training", "commands"]
 COMMANDS = {"train", "evaluate", "generate", "plan", "predict", "__main__"}
 FRAMEWORKS = {"deepspeed", "accelerate"}  # only the engine opens this door
-PURE = {"dist_subspace.simplex", "dist_subspace.arch"}  # the math and the architecture table: torch, no framework
+PURE = {"dist_subspace.core.simplex", "dist_subspace.core.arch"}  # the math and the architecture table: torch only
 
 
 def module_name(path: Path) -> str:
@@ -28,14 +28,16 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> str:
+    """The layer of a package module, read from its path: ``dist_subspace.<layer>.*``, or a command (a module at
+    the package's top, or the study). Anything else at the top is a loose module and has no layer."""
     parts = module.split(".")
     if len(parts) == 1:
-        return "core"  # the package's own __init__
-    if parts[1] in ("data", "evaluation", "training"):
+        return "core"  # the package's own __init__ (it re-exports core names)
+    if parts[1] in ("core", "data", "evaluation", "training"):
         return parts[1]
     if parts[1] == "study" or parts[1] in COMMANDS:
         return "commands"
-    return "core"
+    raise AssertionError(f"{module} lies loose at the package's top: put it in a layer's folder, or name it a command")
 
 
 def imports(path: Path, known: set[str]) -> set[str]:
@@ -61,6 +63,14 @@ def graph() -> dict[str, set[str]]:
 
 GRAPH = graph()
 PACKAGE = {m: deps for m, deps in GRAPH.items() if m.split(".")[0] == "dist_subspace"}
+
+
+def test_the_tree_shows_the_layers_every_top_level_module_is_a_command():
+    """A newcomer tells the core from a command by the tree: the package's top holds only commands."""
+    top = sorted(p.stem for p in (ROOT / "dist_subspace").glob("*.py") if p.stem != "__init__")
+    assert set(top) == COMMANDS, f"loose at the top: {sorted(set(top) - COMMANDS)}"
+    for module in PACKAGE:
+        layer(module)  # raises for a module outside the layers
 
 
 def test_every_package_module_sits_in_a_layer_and_imports_only_downward():
@@ -125,7 +135,7 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     planted = tmp_path / "m.py"
     planted.write_text("def f():\n    from dist_subspace.training import engine\n")
     deps = imports(planted, set(GRAPH))
-    assert "dist_subspace.training.engine" in deps and layer("dist_subspace.model") == "core"
+    assert "dist_subspace.training.engine" in deps and layer("dist_subspace.core.model") == "core"
 
 
 @pytest.mark.parametrize("command", ["dist_subspace.plan", "dist_subspace.__main__"])

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.paths import CHECKOUT as ROOT
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None and not (Path(sys.executable).parent / "ruff").exists(), reason="ruff")

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_subspace import simplex
-from dist_subspace.arch import ArchSpec, arch_spec, input_position_ids
-from dist_subspace.export import peft_prefix_weight
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core import simplex
+from dist_subspace.core.arch import ArchSpec, arch_spec, input_position_ids
+from dist_subspace.core.export import peft_prefix_weight
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
 from tests.conftest import DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 
 FAMILIES = [*DECODER_CONFIGS, *ENCODER_CONFIGS]

@@ -1,7 +1,7 @@
 """ds_configs/ and configs/models/ are found in one place: the checkout's top-level folders, else the copies an
 installed wheel carries inside the package."""
 
-from dist_subspace import paths
+from dist_subspace.core import paths
 
 
 def test_a_checkout_uses_its_top_level_folders():

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dist_subspace import simplex
+from dist_subspace.core import simplex
 from dist_subspace.train import main
 from dist_subspace.training.engine import Engine
 from tests.conftest import run_args
@@ -77,9 +77,9 @@ def test_k1_from_a_peft_adapter_scores_exactly_as_peft_does(small_assets, adapte
 def test_every_vertex_starts_at_the_adapter_plus_the_usual_spread(small_assets, adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dist_subspace.config import ConfigError, load_config
-    from dist_subspace.export import load_peft_prefix
-    from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+    from dist_subspace.core.config import ConfigError, load_config
+    from dist_subspace.core.export import load_peft_prefix
+    from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
     from dist_subspace.training.assembly import start_vertices
 
     model_dir, _ = small_assets

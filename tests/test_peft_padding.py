@@ -3,9 +3,9 @@ at each example's last real token. Left padding shifts PEFT's positions by the p
 
 import torch
 
-from dist_subspace import simplex
-from dist_subspace.export import peft_prefix_weight
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core import simplex
+from dist_subspace.core.export import peft_prefix_weight
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 from tests.conftest import tiny_backbone
 
 P = 4

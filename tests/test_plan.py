@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.paths import CHECKOUT as ROOT
 from dist_subspace.plan import main, parse_bytes
 from tests.conftest import tiny_backbone
 
@@ -89,7 +89,7 @@ def test_an_auto_that_nothing_fills_is_one_line_in_plan_and_train(capsys, tmp_pa
     by the planner and by the trainer's DeepSpeed check alike; the keys Accelerate fills stay accepted."""
     import torch
 
-    from dist_subspace.config import ConfigError, load_config
+    from dist_subspace.core.config import ConfigError, load_config
     from dist_subspace.training.settings import check_ds_config
 
     zero = {"stage": 3, "stage3_prefetch_bucket_size": "auto", "stage3_param_persistence_threshold": "auto"}

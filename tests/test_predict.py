@@ -53,7 +53,7 @@ def inputs(small_assets, tmp_path_factory):
 def reference(run, inputs):
     """What evaluate's model outputs give for the same texts, scored as one list: the centroid's probabilities
     ``[N, C]`` and the 4 ensemble points' ``[4, N, C]``."""
-    from dist_subspace import simplex
+    from dist_subspace.core import simplex
     from dist_subspace.evaluation.scoring import Query, mode_points, model_outputs
     from dist_subspace.training.reload import finished_run_config, load_finished_run
 

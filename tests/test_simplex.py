@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dist_subspace import simplex
+from dist_subspace.core import simplex
 
 
 def _alpha(step: int, index, k: int = 3, layers: int = 4, granularity: str = "example_layer", seed: int = 0):

@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_subspace import simplex
-from dist_subspace.config import ConfigError, load_config
+from dist_subspace.core import simplex
+from dist_subspace.core.config import ConfigError, load_config
 from dist_subspace.train import main
 from dist_subspace.training.schedule import step_examples
 from tests.conftest import run_args
@@ -84,8 +84,8 @@ def test_peft_export_loads_in_peft_and_matches_our_centroid(finished_run, small_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from dist_subspace.core.model import PrefixSubspaceModel
     from dist_subspace.data.batching import label_token_ids
-    from dist_subspace.model import PrefixSubspaceModel
     from dist_subspace.training.checkpoint import load_simplex_tensors
 
     model_dir, _ = small_assets

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.paths import CHECKOUT as ROOT
 
 BIN = Path(sys.executable).parent
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from dist_subspace import attention
-from dist_subspace.cli import exit_now
-from dist_subspace.config import load_config
+from dist_subspace.core import attention
+from dist_subspace.core.cli import exit_now
+from dist_subspace.core.config import load_config
 from dist_subspace.training.assembly import build, initialise
 from dist_subspace.training.engine import Engine
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 
 FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe"]
 K, P, STEPS, GLOBAL_BATCH, SEQ = 3, 4, 3, 4, 12  # SEQ + P > the tiny configs' window of 8
@@ -94,7 +94,7 @@ def compare_with_shards(full: dict[str, torch.Tensor], folder: Path) -> dict:
 
 
 def zero3_engine():
-    from dist_subspace.config import load_config
+    from dist_subspace.core.config import load_config
     from dist_subspace.training.engine import Engine
 
     overrides = ["engine.deepspeed=zero3_bf16", "model.dtype=float32", f"train.micro_batch_size={GLOBAL_BATCH // 2}"]
@@ -220,6 +220,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from dist_subspace.cli import exit_now
+    from dist_subspace.core.cli import exit_now
 
     exit_now(main(sys.argv[1:]))

@@ -6,9 +6,9 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable
 
+from dist_subspace.core.embedded import package_dir
 from dist_subspace.data.tables import label_index, table_examples
 from dist_subspace.data.tasks import TASKS, Sources
-from dist_subspace.embedded import package_dir
 
 
 def _rotten_tomatoes() -> Sources:

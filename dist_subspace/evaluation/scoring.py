@@ -20,13 +20,13 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace import simplex
-from dist_subspace.config import check_eval_mode
+from dist_subspace.core import simplex
+from dist_subspace.core.config import check_eval_mode
+from dist_subspace.core.files import write_json
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator
 from dist_subspace.data.tasks import Example, TaskSpec
 from dist_subspace.evaluation.metrics import compute_metrics, predict
-from dist_subspace.files import write_json
-from dist_subspace.model import PrefixSubspaceModel
 
 EVAL_SEED = 0x5EED  # sampled evaluation points are fixed: the same run always scores the same points
 

@@ -11,8 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
-from dist_subspace.cli import exit_now, user_error
-from dist_subspace.config import ConfigError
+from dist_subspace.core.cli import exit_now, user_error
+from dist_subspace.core.config import ConfigError
 from dist_subspace.study.fanout import LAUNCHERS
 from dist_subspace.study.report import compare
 from dist_subspace.study.run import run_study

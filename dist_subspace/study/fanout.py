@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dist_subspace.files import write_json
-from dist_subspace.paths import CHECKOUT
+from dist_subspace.core.files import write_json
+from dist_subspace.core.paths import CHECKOUT
 from dist_subspace.study.spec import StudySpec, Unit, as_overrides, run_overrides
 
 LAUNCHERS = ("local", "slurm", "submitit-local")

@@ -15,7 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from dist_subspace.files import write_atomic, write_json
+from dist_subspace.core.files import write_atomic, write_json
 from dist_subspace.study.plot import plot
 from dist_subspace.study.spec import BASELINE, DERIVED, StudySpec
 from dist_subspace.study.spread import metrics_rows, simplex_spread, spread_markdown

@@ -16,8 +16,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dist_subspace.config import load_config
-from dist_subspace.files import read_json
+from dist_subspace.core.config import load_config
+from dist_subspace.core.files import read_json
 from dist_subspace.study.fanout import fan_out
 from dist_subspace.study.report import report
 from dist_subspace.study.spec import (
@@ -38,8 +38,8 @@ def model_kind(name: str) -> str:
     """``decoder`` or ``encoder``, from the model's config (converting an embedded model once if needed)."""
     from transformers import AutoConfig
 
-    from dist_subspace.arch import arch_spec
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.arch import arch_spec
+    from dist_subspace.core.embedded import resolve_model
 
     return arch_spec(AutoConfig.from_pretrained(resolve_model(name))).kind
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dist_subspace.config import ConfigError, build_dataclass, load_tree
+from dist_subspace.core.config import ConfigError, build_dataclass, load_tree
 
 # Each trained method: the run overrides that make it. All share the spec's base overrides and step budget.
 METHODS: dict[str, dict[str, Any]] = {

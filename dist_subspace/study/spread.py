@@ -19,7 +19,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dist_subspace.files import read_json
+from dist_subspace.core.files import read_json
 
 
 def metrics_rows(folder: Path) -> list[dict]:

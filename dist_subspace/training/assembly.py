@@ -11,15 +11,15 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace.arch import arch_spec
-from dist_subspace.config import Config, ConfigError
+from dist_subspace.core.arch import arch_spec
+from dist_subspace.core.config import Config, ConfigError
+from dist_subspace.core.embedded import resolve_model
+from dist_subspace.core.export import load_peft_prefix
+from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.core.simplex import dirichlet_spread
 from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
 from dist_subspace.data.tasks import FewShotSplits
-from dist_subspace.embedded import resolve_model
-from dist_subspace.export import load_peft_prefix
-from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
-from dist_subspace.simplex import dirichlet_spread
 from dist_subspace.training.engine import Engine
 from dist_subspace.training.preflight import check_context
 
@@ -75,7 +75,7 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
         model.enable_gradient_checkpointing()
     model.place(engine.device)
     if cfg.model.adapter == "lora":
-        from dist_subspace.lora import add_lora
+        from dist_subspace.core.lora import add_lora
 
         add_lora(model, cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets, seed=cfg.train.seed)
     if not cfg.simplex.train_prefix:

@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from dist_subspace.config import Config
+from dist_subspace.core.config import Config
+from dist_subspace.core.embedded import EMBEDDED_MODELS
 from dist_subspace.data.tasks import FewShotSplits
-from dist_subspace.embedded import EMBEDDED_MODELS
 
 SAMPLING = {"batch": "per step", "example": "per example", "example_layer": "per example and per layer"}
 VERSIONED = ("dist_subspace", "torch", "transformers", "accelerate", "deepspeed", "peft")
@@ -193,7 +193,7 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
             lines.append(f"| selected (step {step}) | `{key.removeprefix('test_final_')}` | {_number(value)} |")
     lines += ["", "## How to use", ""]
     load_base = f'resolve_model("{base}")' if base in EMBEDDED_MODELS else f'"{base}"'
-    embedded = "from dist_subspace.embedded import resolve_model\n" if base in EMBEDDED_MODELS else ""
+    embedded = "from dist_subspace.core.embedded import resolve_model\n" if base in EMBEDDED_MODELS else ""
     if facts.kind == "decoder" and not lora:
         lines += [
             "The centroid as a PEFT prefix-tuning adapter (`final/peft_centroid`, decoders only). It gives the "

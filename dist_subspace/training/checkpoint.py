@@ -20,10 +20,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.export import save_peft_prefix
-from dist_subspace.files import write_atomic
-from dist_subspace.model import PrefixSubspaceModel
-from dist_subspace.simplex import centroid_alpha, expand_alpha, mix_prefix
+from dist_subspace.core.export import save_peft_prefix
+from dist_subspace.core.files import write_atomic
+from dist_subspace.core.model import PrefixSubspaceModel
+from dist_subspace.core.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 
 def _simplex_parameters(model: PrefixSubspaceModel) -> dict[str, torch.nn.Parameter]:

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs, ProjectConfiguration
 from torch import nn
 
-from dist_subspace.config import Config, ConfigError
+from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.training.settings import _fill_ds_config, compute_dtype, read_ds_config
 
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}

@@ -7,8 +7,8 @@ import time
 
 from safetensors.torch import save_file
 
+from dist_subspace.core.files import write_json
 from dist_subspace.evaluation.scoring import write_landscapes
-from dist_subspace.files import write_json
 from dist_subspace.training.assembly import replica_config
 from dist_subspace.training.card import CardFacts, render_card
 from dist_subspace.training.checkpoint import load_simplex_tensors, replica_slice, save_final, simplex_tensors

@@ -1,7 +1,7 @@
 """Checks that run before anything heavy loads: a bad input is refused in one line, with nothing written.
 
 ``train`` calls :func:`check_output_dir` then :func:`check_train`; ``evaluate`` calls :func:`check_run_folder`.
-Every failure is a :class:`~dist_subspace.config.ConfigError` whose message says how to fix it.
+Every failure is a :class:`~dist_subspace.core.config.ConfigError` whose message says how to fix it.
 docs/reliability.md lists each case and the test that proves it.
 """
 
@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from dist_subspace.config import Config, ConfigError
-from dist_subspace.embedded import EMBEDDED_MODELS, resolve_model
+from dist_subspace.core.config import Config, ConfigError
+from dist_subspace.core.embedded import EMBEDDED_MODELS, resolve_model
 from dist_subspace.training.checkpoint import CheckpointError, latest_checkpoint, read_tensors, verify_folder
 
 # What a run is: a checkpoint may only continue a run whose config agrees on these keys (others, such as
@@ -203,7 +203,7 @@ def check_optional_packages(cfg: Config) -> None:
 
 def check_peft_adapter(folder: Path, prefix_length: int) -> None:
     """``prefix.init=peft:PATH``: a PEFT prefix-tuning adapter in safetensors, of ``prefix.length`` tokens."""
-    from dist_subspace.export import read_peft_adapter
+    from dist_subspace.core.export import read_peft_adapter
 
     try:
         config, weight = read_peft_adapter(folder)

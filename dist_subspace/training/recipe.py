@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace import attention, simplex
-from dist_subspace.config import Config
+from dist_subspace.core import attention, simplex
+from dist_subspace.core.config import Config
 from dist_subspace.data.batching import truncation_report
 from dist_subspace.evaluation.metrics import task_loss
 from dist_subspace.evaluation.scoring import evaluate_replicas

@@ -1,7 +1,7 @@
 """A finished run, loaded to score or label with: what ``evaluate`` and ``predict`` share.
 
 :func:`finished_run_config` checks the run folder and reads its config before anything heavy loads (a bad folder
-is a one-line :class:`~dist_subspace.config.ConfigError`); :func:`load_finished_run` then starts the engine, builds
+is a one-line :class:`~dist_subspace.core.config.ConfigError`); :func:`load_finished_run` then starts the engine, builds
 data, tokenizer and model as training did, and loads ``final/simplex.safetensors``.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dist_subspace.config import Config, ConfigError, load_config
+from dist_subspace.core.config import Config, ConfigError, load_config
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator
 from dist_subspace.data.tasks import FewShotSplits, TaskSpec
-from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.training.engine import Engine
 from dist_subspace.training.preflight import check_model_folder, check_run_folder
 

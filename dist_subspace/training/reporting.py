@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from dist_subspace.config import Config
+from dist_subspace.core.config import Config
 from dist_subspace.training.engine import Engine
 
 DEFAULT_PROJECT = "dist_subspace"

@@ -9,9 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-from dist_subspace.config import Config, save_config
-from dist_subspace.files import write_atomic, write_json
-from dist_subspace.model import PrefixSubspaceModel
+from dist_subspace.core.config import Config, save_config
+from dist_subspace.core.files import write_atomic, write_json
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.training.assembly import replica_config
 from dist_subspace.training.checkpoint import complete_checkpoints, simplex_tensors
 from dist_subspace.training.engine import Engine, parameter_counts

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace.config import Config, ConfigError
-from dist_subspace.paths import DS_CONFIGS
+from dist_subspace.core.config import Config, ConfigError
+from dist_subspace.core.paths import DS_CONFIGS
 from dist_subspace.training.memory import unfilled_auto
 
 

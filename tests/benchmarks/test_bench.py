@@ -11,7 +11,7 @@ import torch
 from benchmarks import bench
 from benchmarks.sides import SIDES, BenchSpec, build_workload, model_config, step_flops
 from benchmarks.timing import interleaved_times, median_ci, ratios
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.paths import CHECKOUT as ROOT
 
 TINY = ["--model", "tiny-llama", "--batch", "2", "--seq-len", "16", "--prefix-length", "4"]
 

@@ -209,8 +209,8 @@ def test_new_offline_tasks_load(name):
 def test_offline_label_words_are_one_smollm2_token(name):
     from transformers import AutoTokenizer
 
+    from dist_subspace.core.embedded import resolve_model
     from dist_subspace.data.batching import label_token_ids
-    from dist_subspace.embedded import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     words = TASKS[name].label_words
@@ -224,7 +224,7 @@ def test_new_offline_tasks_collate_for_both_backbones(name):
     output per class."""
     from transformers import AutoTokenizer
 
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     examples = load_splits(name, protocol="first_n", first_n=2, dev_size=0, test_size=2).train
     decoder = Collator(AutoTokenizer.from_pretrained(resolve_model("smollm2-135m")), TASKS[name], True, 64)
@@ -283,7 +283,7 @@ class _FakeTokenizer:
 def test_encoder_pairs_carry_segment_ids():
     from transformers import AutoTokenizer
 
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("minilm-l6"))
     example = {"text": "a b", "text_pair": "c d e", "label": 0, "id": 0}
@@ -298,7 +298,7 @@ def test_pretokenised_batches_equal_the_tokenizers_batched_call(model, task, dec
     padded, truncated call (decoders: the prompt, cut on the left; encoders: the pair, cut on the right)."""
     from transformers import AutoTokenizer
 
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     spec = TASKS[task]
@@ -329,7 +329,7 @@ def test_decoders_pad_on_the_right_and_truncate_on_the_left():
     """Right padding: attention needs no mask; left truncation: the prompt's end (the answer position) stays."""
     from transformers import AutoTokenizer
 
-    from dist_subspace.embedded import resolve_model
+    from dist_subspace.core.embedded import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     short, long = (

@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dist_subspace import simplex
-from dist_subspace.config import load_config
+from dist_subspace.core import simplex
+from dist_subspace.core.config import load_config
+from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
 from dist_subspace.evaluation.scoring import EVAL_SEED, Query, evaluate, evaluate_replicas, model_outputs
-from dist_subspace.model import PrefixSubspaceModel, initial_vertices
 from dist_subspace.training.engine import Engine
 
 pytestmark = pytest.mark.slow
@@ -132,7 +132,7 @@ def test_stacked_points_equal_one_pass_per_point(setup):
 
 
 def test_replicas_are_scored_with_their_own_vertices(setup):
-    from dist_subspace.model import PrefixSubspaceModel, initial_vertices
+    from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 
     splits, collator, make, engine = setup
     a, b = make(2, seed=0), make(2, seed=1)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dist_subspace.config import load_config
+from dist_subspace.core.config import load_config
 from dist_subspace.study.__main__ import main as study_main
 from dist_subspace.study.fanout import source_commit
 from dist_subspace.study.report import rebuild, select_lrs

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dist_subspace.model import PrefixSubspaceModel
-from dist_subspace.paths import CHECKOUT as ROOT
+from dist_subspace.core.model import PrefixSubspaceModel
+from dist_subspace.core.paths import CHECKOUT as ROOT
 from dist_subspace.training import memory
 from tests.conftest import DECODER_CONFIGS
 
@@ -108,7 +108,7 @@ def test_activation_formula_holds_past_one_cpu_key_block(family, checkpointing):
     """S + P = 536 keys: past the CPU kernel's 512-key block the prefix path pads the query to a square and keeps
     what that kernel saves, and a sliding window (Phi-3, Gemma 3's first layer: 8 tokens) that bites past the
     prefix keeps its [S, P+S] band; the planner counts the same."""
-    from dist_subspace.attention import CPU_KEY_BLOCK
+    from dist_subspace.core.attention import CPU_KEY_BLOCK
 
     torch.manual_seed(0)
     config = DECODER_CONFIGS[family]()

@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_subspace import simplex
+from dist_subspace.core import simplex
+from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
 from dist_subspace.evaluate import main as evaluate_main
-from dist_subspace.model import PrefixSubspaceModel, initial_head, initial_vertices
 from dist_subspace.train import main
 from dist_subspace.training.schedule import sampling_coordinates
 from tests.conftest import run_args, tiny_backbone

@@ -25,10 +25,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator, truncation_report
 from dist_subspace.data.tasks import TASKS
 from dist_subspace.evaluate import main as evaluate_main
-from dist_subspace.model import PrefixSubspaceModel
 from dist_subspace.train import main
 from dist_subspace.training import checkpoint, finish, recipe
 from dist_subspace.training.checkpoint import (
@@ -872,7 +872,7 @@ def test_the_engine_loads_weights_only_from_safetensors(tmp_path):
     """A folder whose weights are a pickled .bin: the engine's loader refuses it, it never unpickles it."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dist_subspace.config import load_config
+    from dist_subspace.core.config import load_config
 
     config = LlamaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
@@ -920,7 +920,7 @@ def test_compute_dtype_on_this_machine(tmp_path):
 
 
 def test_deepspeed_values_that_agree_with_the_config_pass():
-    from dist_subspace.config import load_config
+    from dist_subspace.core.config import load_config
 
     cfg = load_config(None, ["train.micro_batch_size=4", "train.grad_accum=2"])
     ds = {

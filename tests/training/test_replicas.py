@@ -6,10 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dist_subspace import simplex
-from dist_subspace.config import load_config
+from dist_subspace.core import simplex
+from dist_subspace.core.config import load_config
+from dist_subspace.core.simplex import clip_grad_norm_per_replica
 from dist_subspace.evaluate import main as evaluate_main
-from dist_subspace.simplex import clip_grad_norm_per_replica
 from dist_subspace.train import main
 from tests.conftest import run_args
 

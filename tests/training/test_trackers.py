@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dist_subspace.config import ConfigError, load_config
+from dist_subspace.core.config import ConfigError, load_config
 from dist_subspace.data.tasks import TASKS, FewShotSplits
 from dist_subspace.train import main
 from dist_subspace.training.card import CardFacts, render_card, training_command

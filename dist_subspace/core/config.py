@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from dist_subspace.files import write_atomic
-from dist_subspace.simplex import GRANULARITIES, REGULARISERS
+from dist_subspace.core.files import write_atomic
+from dist_subspace.core.simplex import GRANULARITIES, REGULARISERS
 
 
 class ConfigError(ValueError):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent
+PACKAGE = Path(__file__).resolve().parent.parent  # dist_subspace/ (this file is dist_subspace/core/paths.py)
 CHECKOUT = PACKAGE.parent  # the repository root in a checkout (site-packages in an installed wheel)
 
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from dist_subspace.model import PrefixSubspaceModel
+from dist_subspace.core.model import PrefixSubspaceModel
 
 
 def add_lora(

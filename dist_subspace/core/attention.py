@@ -13,10 +13,10 @@ part is causal), and SDPA groups heads itself (``enable_gqa``). This module regi
 - the attention function runs the causal pattern without a mask where the kernel allows it (see
   :func:`_causal_without_mask`), never repeats key/value heads, and, where it runs without a mask, keeps the
   prefix visible to sliding-window layers whatever the window (the window applies to input tokens only; a
-  given mask is used as it is: :func:`dist_subspace.model.prefix_attention_mask` builds prefix-visible ones).
+  given mask is used as it is: :func:`dist_subspace.core.model.prefix_attention_mask` builds prefix-visible ones).
 
 Every path taken is counted in :data:`attention_paths` and logged once (``logging``, INFO). Use it through
-:func:`enable`, which :class:`~dist_subspace.model.PrefixSubspaceModel` calls on its backbone.
+:func:`enable`, which :class:`~dist_subspace.core.model.PrefixSubspaceModel` calls on its backbone.
 """
 
 from __future__ import annotations

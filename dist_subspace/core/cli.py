@@ -7,7 +7,7 @@ import os
 import sys
 from typing import NoReturn
 
-from dist_subspace.config import ConfigError
+from dist_subspace.core.config import ConfigError
 
 # Mistakes a user can make (a bad key, a missing file or model, a task that does not fit): a message, no traceback.
 USER_ERRORS = (ConfigError, ValueError, OSError)

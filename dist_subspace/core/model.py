@@ -23,8 +23,8 @@ from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from dist_subspace import attention, simplex
-from dist_subspace.arch import arch_spec, input_position_ids, prefix_geometry, sliding_window
+from dist_subspace.core import attention, simplex
+from dist_subspace.core.arch import arch_spec, input_position_ids, prefix_geometry, sliding_window
 
 
 class _PrefixLayer(DynamicLayer):

@@ -72,7 +72,7 @@ def arch_spec(config) -> ArchSpec:
     spec = ARCHITECTURES.get(model_type)
     if spec is None:
         raise ValueError(
-            f"model type {model_type!r} is not supported: no row for it in dist_subspace/arch.py::ARCHITECTURES "
+            f"model type {model_type!r} is not supported: no row for it in dist_subspace/core/arch.py::ARCHITECTURES "
             f"(its prefix geometry and position rule are not known here); supported: {sorted(ARCHITECTURES)}"
         )
     if getattr(config, "use_bidirectional_attention", False):
@@ -92,7 +92,7 @@ def sliding_window(config) -> int | None:
     """The window of the model's sliding-window attention layers, or None when every layer attends to all keys.
 
     A prefix stays visible to every query whatever the window (as in prefix tuning: it is a learned context, not
-    past text that scrolls out); :func:`dist_subspace.model.prefix_attention_mask` builds the masks that say so.
+    past text that scrolls out); :func:`dist_subspace.core.model.prefix_attention_mask` builds the masks that say so.
     """
     layer_types = getattr(config, "layer_types", None)
     if layer_types is not None and "sliding_attention" not in layer_types:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.arch import PrefixGeometry
+from dist_subspace.core.arch import PrefixGeometry
 
 
 def peft_prefix_weight(prefix: torch.Tensor) -> torch.Tensor:
