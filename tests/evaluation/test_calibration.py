@@ -46,6 +46,41 @@ def test_ece_over_15_equal_width_bins_of_top_label_confidence():
     assert cal.expected_calibration_error(np.array([[1.0, 0.0], [0.0, 1.0]]), [0, 1]) == 0.0  # sure and right
 
 
+def test_a_confidence_on_an_interior_bin_edge_falls_in_the_bin_below():
+    # Bin b is (b / 15, (b + 1) / 15]: a confidence of exactly 2/3 = 10/15 (the float np.linspace gives, kept by
+    # the renormalisation) closes bin 9, (0.6, 0.667], beside 0.64; it is not the first of bin 10.
+    probs = np.array([[2 / 3, 1 / 3], [0.36, 0.64]])
+    labels = np.array([1, 1])  # wrong, right
+    assert probs[0, 0] == np.linspace(0.0, 1.0, 16)[10]
+    table = cal.reliability_bins(probs, labels)
+    assert table["count"][9] == 2 and table["count"][10] == 0
+    want = abs(0.5 - (2 / 3 + 0.64) / 2)  # one bin: accuracy 1/2 against mean confidence 0.6533
+    assert cal.expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-12)
+    # The other convention, [b / 15, (b + 1) / 15), would give 1/2 * |0 - 2/3| + 1/2 * |1 - 0.64| = 0.5133.
+    assert cal.expected_calibration_error(probs, labels) != pytest.approx(0.5 * 2 / 3 + 0.5 * 0.36)
+
+
+def test_ece_of_four_classes_is_top_label():
+    # Confidence is the largest of the 4 probabilities, right when its class is the label (not p(label), not p(1)).
+    probs = np.array(
+        [
+            [0.45, 0.25, 0.20, 0.10],  # confidence 0.45 (bin 6, (0.4, 0.467]), says 0, label 1: wrong
+            [0.10, 0.15, 0.70, 0.05],  # 0.70 (bin 10, (0.667, 0.733]), says 2, label 2: right
+            [0.30, 0.35, 0.05, 0.30],  # 0.35 (bin 5, (0.333, 0.4]), says 1, label 1: right
+            [0.05, 0.05, 0.18, 0.72],  # 0.72 (bin 10), says 3, label 2: wrong
+        ]
+    )
+    labels = np.array([1, 2, 1, 2])
+    # Bin 5: 1/4 * |1 - 0.35|; bin 6: 1/4 * |0 - 0.45|; bin 10: 2/4 * |1/2 - (0.70 + 0.72) / 2| = 1/2 * 0.21.
+    want = 0.25 * 0.65 + 0.25 * 0.45 + 0.5 * 0.21
+    assert want == pytest.approx(0.38)
+    assert cal.expected_calibration_error(probs, labels) == pytest.approx(want, abs=1e-12)
+    table = cal.reliability_bins(probs, labels)
+    assert table["count"][[5, 6, 10]].tolist() == [1, 1, 2] and table["count"].sum() == 4
+    np.testing.assert_allclose(table["accuracy"][[5, 6, 10]], [1.0, 0.0, 0.5])
+    np.testing.assert_allclose(table["confidence"][[5, 6, 10]], [0.35, 0.45, 0.71])
+
+
 def test_ensemble_spread_and_disagreement():
     # S = 4 points, 2 examples: example 0's ensemble says class 0 (mean 0.6) with one point against it.
     points = np.array(
