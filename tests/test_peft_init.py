@@ -74,6 +74,40 @@ def test_k1_from_a_peft_adapter_scores_exactly_as_peft_does(small_assets, adapte
     )
 
 
+def test_k1_from_a_peft_adapter_gives_peft_s_own_logits(small_assets, adapter):
+    """The project's K = 1 model started from the adapter (as training starts it) against PEFT's PeftModel on the
+    same right-padded batch: the class logits ``[B, C]`` are PEFT's at the last real token, over the label words."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dist_subspace.core.config import load_config
+    from dist_subspace.core.model import PrefixSubspaceModel
+    from dist_subspace.data.batching import Collator, label_token_ids
+    from dist_subspace.data.sources import load_splits
+    from dist_subspace.training.assembly import start_vertices
+
+    model_dir, data = small_assets
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    splits = load_splits(str(data), shots_per_class=8, test_size=41)
+    words = label_token_ids(tokenizer, splits.task.label_words)
+    batch = Collator(tokenizer, splits.task, decoder=True)(list(enumerate(splits.test[:12])))
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded
+    backbone = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = PrefixSubspaceModel(backbone, 1, P, label_token_ids=words).eval()
+    cfg = load_config(None, ["simplex.vertices=1", f"prefix.length={P}", f"prefix.init=peft:{adapter}"])
+    with torch.no_grad():
+        model.simplex.vertices.copy_(start_vertices(cfg, model, 0, tokenizer.all_special_ids, len(tokenizer)))
+        ours = model(batch["input_ids"], batch["attention_mask"], simplex.centroid_alpha(1))  # [B, C]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft_model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with torch.no_grad():
+        full = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # [B, S, V]
+    last = batch["attention_mask"].sum(-1) - 1
+    theirs = full[torch.arange(len(last)), last][:, words]  # [B, C]
+    assert ours.shape == theirs.shape == (12, 2)
+    torch.testing.assert_close(ours, theirs)
+
+
 def test_every_vertex_starts_at_the_adapter_plus_the_usual_spread(small_assets, adapter):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
