@@ -8,15 +8,16 @@ runs the same optimizer code, checkpoints are world-size independent, and ranks 
 
 The experiment trackers of ``train.report_to`` are Accelerate's too: named when the Accelerator is made, started,
 fed and finished through :meth:`Engine.start_trackers`, :meth:`Engine.log_metrics` and :meth:`Engine.end_trackers`
-(the main process alone logs).
+(the main process alone logs). MLflow is pointed at its store for the tracker's life only (:func:`_point_mlflow`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
@@ -29,6 +30,8 @@ from dist_subspace.training.settings import _fill_ds_config, compute_dtype, read
 
 TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 TENSORBOARD_FOLDER = "tensorboard"  # OUTPUT_DIR/tensorboard: where train.tensorboard=true always wrote
+# What _point_mlflow may set in os.environ while the MLflow tracker runs, and puts back as it was after it.
+MLFLOW_SETTINGS = ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE")
 
 
 def known_trackers() -> list[str]:
@@ -115,6 +118,7 @@ class Engine:
             from accelerate.tracking import TensorBoardTracker
 
             self.accelerator.log_with.append(TensorBoardTracker(TENSORBOARD_FOLDER, str(out)))
+        self._undo_mlflow: Callable[[], None] | None = None  # set while MLflow is pointed at this run's store
         self.deepspeed = plugin is not None
         self.zero_stage = plugin.zero_stage if plugin is not None else 0
         # ZeRO-1/2 shard optimizer state and gradients, which a frozen backbone has none of (and DeepSpeed refuses
@@ -149,21 +153,29 @@ class Engine:
         return f"{self.world_size} process(es) on {self.device.type}, {mode}, compute dtype {self.dtype}"
 
     # ---- experiment trackers ---------------------------------------------------------------------
-    def start_trackers(self, project: str, config: dict, init_kwargs: dict[str, dict] | None = None) -> None:
+    def start_trackers(
+        self, project: str, config: dict, init_kwargs: dict[str, dict] | None = None, mlflow_uri: str | None = None
+    ) -> None:
         """Start this run's trackers (``train.report_to``) on the main process, ``config`` (flat scalars) logged as
-        its hyperparameters; ``init_kwargs``: per tracker name, keyword arguments for that tracker. A tracker that
-        cannot start (not logged in, an unreachable or unsupported store, ...) is a one-line ConfigError on every
-        rank, before anything heavy loads."""
+        its hyperparameters; ``init_kwargs``: per tracker name, keyword arguments for that tracker; ``mlflow_uri``:
+        the tracking URI MLflow logs to until :meth:`end_trackers` (None: its own, ``MLFLOW_TRACKING_URI``). A
+        tracker that cannot start (not logged in, an unreachable or unsupported store, ...) is a one-line
+        ConfigError on every rank, before anything heavy loads."""
         if not self.trackers:
             return
         problem = None
         if self.is_main:
+            if "mlflow" in self.trackers:
+                self._undo_mlflow = _point_mlflow(mlflow_uri)
             try:
                 self.accelerator.init_trackers(project, config=config, init_kwargs=init_kwargs or {})
             except Exception as err:  # any tracker's own failure (no login, a store it cannot use): one line
                 name = next((t.name for t in self.accelerator.trackers if not _tracker_started(t)), "a tracker")
                 detail = str(err).strip().splitlines()[0] if str(err).strip() else ""
-                problem = f"train.report_to: {name} could not start ({type(err).__name__}: {detail}); check its setup"
+                hint = "check its setup"
+                if name == "mlflow" and mlflow_uri is None:  # the user's own store
+                    hint = "check MLFLOW_TRACKING_URI (unset, MLflow logs to a file store in the run folder, mlruns/)"
+                problem = f"train.report_to: {name} could not start ({type(err).__name__}: {detail}); {hint}"
                 self.end_trackers()
         if self.any_rank(problem is not None):
             raise ConfigError(problem or "train.report_to: a tracker could not start on the main process")
@@ -174,11 +186,17 @@ class Engine:
             self.accelerator.log(values, step=step)
 
     def end_trackers(self) -> None:
-        """Finish every started tracker (flush and close its run); later calls do nothing."""
+        """Finish every started tracker (flush and close its run) and put MLflow's settings back as they were; later
+        calls do nothing."""
         trackers, self.accelerator.trackers = self.accelerator.trackers, []
-        for tracker in trackers:
-            if _tracker_started(tracker):
-                tracker.finish()
+        undo, self._undo_mlflow = self._undo_mlflow, None
+        try:
+            for tracker in trackers:
+                if _tracker_started(tracker):
+                    tracker.finish()
+        finally:
+            if undo is not None:
+                undo()
 
     # ---- the backbone ----------------------------------------------------------------------------
     def load_backbone(self, path: str, decoder: bool) -> nn.Module:
@@ -283,6 +301,31 @@ class Engine:
             os.environ["ACCELERATE_USE_DEEPSPEED"] = self._use_deepspeed_env
         for name in self._set_env:
             os.environ.pop(name, None)
+
+
+def _point_mlflow(uri: str | None) -> Callable[[], None]:
+    """Point this process's MLflow at tracking URI ``uri`` (None: leave it at the user's ``MLFLOW_TRACKING_URI``)
+    and, where that is a file store and ``MLFLOW_ALLOW_FILE_STORE`` is not set, let MLflow 3 use it (it refuses a
+    file store without that opt-in, and mlflow-skinny has no SQLite store); returns what puts both back as they were,
+    so that no later process started from this one inherits them."""
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in MLFLOW_SETTINGS}
+    if uri is not None:
+        mlflow.set_tracking_uri(uri)  # MLflow 3 also exports it as MLFLOW_TRACKING_URI: undone below
+    if saved["MLFLOW_ALLOW_FILE_STORE"] is None and urlparse(mlflow.get_tracking_uri()).scheme in ("", "file"):
+        os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+
+    def undo() -> None:
+        if uri is not None:
+            mlflow.set_tracking_uri(None)  # back to no URI of its own (and no MLFLOW_TRACKING_URI)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+    return undo
 
 
 def _tracker_started(tracker) -> bool:

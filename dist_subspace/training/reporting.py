@@ -2,8 +2,10 @@
 experiment trackers of ``train.report_to`` (TensorBoard, MLflow, W&B, ...: Accelerate's, through the engine).
 
 Each tracker keeps its own settings (``MLFLOW_TRACKING_URI``, ``MLFLOW_EXPERIMENT_NAME``, ``WANDB_MODE``,
-``WANDB_PROJECT``, ``WANDB_DIR``, ...); where none is set, the project is ``dist_subspace`` and the tracker's
-run is named after the run folder.
+``WANDB_PROJECT``, ``WANDB_DIR``, ...); where none is set, the project is ``dist_subspace``, the tracker's
+run is named after the run folder, and a tracker that writes files writes them in the run folder (TensorBoard in
+``RUN/tensorboard``, W&B in ``RUN/wandb``, MLflow a file store in ``RUN/mlruns``: its own default,
+``sqlite:///mlflow.db`` in the working directory, needs SQLAlchemy, which mlflow-skinny does not bring).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dist_subspace.core.config import Config
 from dist_subspace.training.engine import Engine
 
 DEFAULT_PROJECT = "dist_subspace"
+MLFLOW_FOLDER = "mlruns"  # RUN/mlruns: MLflow's file store when MLFLOW_TRACKING_URI is not set
 
 
 def flat_config(tree: Mapping, prefix: str = "") -> dict[str, bool | int | float | str]:
@@ -67,6 +70,14 @@ def tracker_setup(names: list[str], out: Path, env: Mapping[str, str]) -> tuple[
     return project, kwargs
 
 
+def mlflow_store(names: list[str], out: Path, env: Mapping[str, str]) -> str | None:
+    """The tracking URI MLflow logs to when ``names`` has it and ``MLFLOW_TRACKING_URI`` is not set in ``env``: a
+    file store in the run folder (``RUN/mlruns``, absolute); None where MLflow is not logged to or has its own."""
+    if "mlflow" not in names or env.get("MLFLOW_TRACKING_URI"):
+        return None
+    return (out / MLFLOW_FOLDER).resolve().as_uri()
+
+
 class MetricsLog:
     """Writes each replica's ``metrics.jsonl`` rows and logs the same numbers to the run's trackers (main process)."""
 
@@ -81,9 +92,10 @@ class MetricsLog:
         if not names:
             return
         project, kwargs = tracker_setup(names, self.out, env)
-        if self.engine.is_main and "dir" in kwargs.get("wandb", {}):
-            self.out.mkdir(parents=True, exist_ok=True)  # wandb.init(dir=...) wants it there
-        self.engine.start_trackers(project, flat_config(self.cfg.to_dict()), kwargs)
+        store = mlflow_store(names, self.out, env)
+        if self.engine.is_main and ("dir" in kwargs.get("wandb", {}) or store is not None):
+            self.out.mkdir(parents=True, exist_ok=True)  # wandb.init(dir=...) wants it there; MLflow's store in it
+        self.engine.start_trackers(project, flat_config(self.cfg.to_dict()), kwargs, mlflow_uri=store)
 
     def record(self, step: int, split: str, rows: list[dict]) -> None:
         """One metrics.jsonl row per replica, in its own folder, and the same numbers to the trackers at ``step``."""

@@ -4,6 +4,7 @@ every export (``final/README.md``)."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import sys
 from pathlib import Path
@@ -115,6 +116,52 @@ def test_the_training_command_is_the_one_typed_with_its_launcher(argv, env, want
         assert got == "python -m dist_subspace.train simplex.vertices=4 --config 'my run.yaml'"  # pastes back
 
 
+def _no_mlflow_settings(mp: pytest.MonkeyPatch) -> None:
+    """Remove every MLflow environment variable, as on a fresh install with nothing configured."""
+    for name in [name for name in os.environ if name.startswith("MLFLOW_")]:
+        mp.delenv(name)
+
+
+@pytest.mark.parametrize("setting", ["none", "file-uri-alone"])
+def test_mlflow_logs_with_no_setting_or_a_bare_file_uri_and_leaves_the_environment_as_it_was(
+    setting, tmp_path, monkeypatch
+):
+    """mlflow-skinny 3 with nothing set defaults to ``sqlite:///mlflow.db`` (refused without SQLAlchemy) and refuses
+    a ``file:`` store without ``MLFLOW_ALLOW_FILE_STORE``: the run logs to RUN/mlruns, or to the file store named,
+    and MLflow's settings are as they were afterwards."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from dist_subspace.training.engine import Engine
+    from dist_subspace.training.reporting import MetricsLog
+
+    _no_mlflow_settings(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    store = out / "mlruns"
+    if setting == "file-uri-alone":
+        store = tmp_path / "elsewhere"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"file:{store}")
+    before, uri_before = dict(os.environ), mlflow.get_tracking_uri()
+    cfg = load_config(None, ["train.report_to=[mlflow]", f"train.output_dir={out}", "simplex.vertices=2"])
+    engine = Engine(cfg)
+    try:
+        MetricsLog(cfg, engine, [out]).start_trackers(os.environ)
+        engine.log_metrics({"train/loss": 1.5}, 1)
+        engine.log_metrics({"train/loss": 1.25, "dev/accuracy": 0.5}, 2)
+    finally:
+        engine.end()
+    assert dict(os.environ) == before and mlflow.get_tracking_uri() == uri_before
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "mlruns").exists()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name(DEFAULT_PROJECT).experiment_id])
+    assert run.info.run_name == "run" and run.info.status == "FINISHED"
+    assert run.data.params["simplex.vertices"] == "2" and run.data.params["train.report_to"] == "['mlflow']"
+    assert {m.step: m.value for m in client.get_metric_history(run.info.run_id, "train/loss")} == {1: 1.5, 2: 1.25}
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "dev/accuracy")] == [(2, 0.5)]
+
+
 def _front_matter(card: str) -> dict:
     assert card.startswith("---\n")
     return yaml.safe_load(card.split("---\n")[1])
@@ -183,15 +230,17 @@ def tracked_run(small_assets, tmp_path_factory):
         "train.report_to=[tensorboard,mlflow,wandb]",
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", f"file:{root / 'mlruns'}")
-        mp.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this to use a file store
+        _no_mlflow_settings(mp)  # MLflow as installed, nothing set: it logs to RUN/mlruns
+        mp.chdir(root)  # where MLflow's own default would have gone
         mp.setenv("WANDB_MODE", "offline")
-        for name in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_DIR", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_RUN_ID"):
+        for name in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_DIR"):
             mp.delenv(name, raising=False)
         for name in ("WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
             mp.setenv(name, str(root / "wandb-home"))  # nothing written to the home folder
         mp.setattr(sys, "argv", [TRAIN_PY, *args])
         assert main(args) == 0
+        assert not [name for name in os.environ if name.startswith("MLFLOW_")]  # none left for a later process
+    assert not (root / "mlruns").exists() and not (root / "mlflow.db").exists()  # not in the working directory
     return out, root, args
 
 
@@ -217,9 +266,9 @@ def test_tensorboard_events_hold_every_metrics_row_at_its_step(tracked_run):
 def test_mlflow_run_holds_the_config_as_params_and_every_row_as_metrics(tracked_run, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    out, root, _ = tracked_run
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=f"file:{root / 'mlruns'}")
+    out, _, _ = tracked_run
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only with this
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())  # the run's own store, with no MLflow setting
     experiment = client.get_experiment_by_name(DEFAULT_PROJECT)
     (run,) = client.search_runs([experiment.experiment_id])
     assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
@@ -296,7 +345,8 @@ def test_a_tracker_that_cannot_start_stops_the_run_in_one_line_before_the_model_
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_log_once(small_assets, tmp_path, monkeypatch):
-    """torchrun with 2 processes: one MLflow run, one TensorBoard event file, and the card names the launcher."""
+    """torchrun with 2 processes and no MLflow setting: one MLflow run (in RUN/mlruns), one TensorBoard event file,
+    and the card names the launcher."""
     from mlflow.tracking import MlflowClient
 
     from tests.training.test_distributed import launch, torchrun
@@ -304,10 +354,10 @@ def test_two_processes_log_once(small_assets, tmp_path, monkeypatch):
     model_dir, data = small_assets
     out = tmp_path / "pair"
     extra = ("train.max_steps=2", "eval.landscape=false", "train.report_to=[mlflow,tensorboard]")
-    env = {"MLFLOW_TRACKING_URI": f"file:{tmp_path / 'mlruns'}", "MLFLOW_ALLOW_FILE_STORE": "true"}
-    launch(torchrun("dist_subspace.train", *run_args(model_dir, data, out, *extra)), env=env)
+    _no_mlflow_settings(monkeypatch)
+    launch(torchrun("dist_subspace.train", *run_args(model_dir, data, out, *extra)))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    client = MlflowClient(tracking_uri=(out / "mlruns").as_uri())
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert len(runs) == 1 and runs[0].info.run_name == "pair"
     assert len(client.get_metric_history(runs[0].info.run_id, "train/loss")) == 1  # step 2, logged once
