@@ -12,6 +12,32 @@ from tests.conftest import run_args
 
 pytestmark = pytest.mark.slow
 P = 8
+OURS = "4 layers x 3 key/value heads x head width 64"  # the small SmolLM2's L, H_kv, D: a prefix (P, 1536)
+
+# Adapters PEFT made on other models (the small SmolLM2's config with these changes): what the adapter is for,
+# and what differs. The last has this model's total width, (8, 4 * 2 * 6 * 32) = (8, 1536), with another split.
+OTHER_MODELS = {
+    "another number of layers": (
+        {"num_hidden_layers": 2},
+        "2 layers x 3 key/value heads x head width 64",
+        "a different number of layers",
+    ),
+    "another number of heads": (
+        {"num_key_value_heads": 1},
+        "4 layers x 1 key/value heads x head width 64",
+        "a different number of key/value heads",
+    ),
+    "another head width": (
+        {"head_dim": 32},
+        "4 layers x 3 key/value heads x head width 32",
+        "a different head width",
+    ),
+    "another base model of the same total width": (
+        {"num_attention_heads": 6, "num_key_value_heads": 6, "head_dim": 32},
+        "4 layers x 6 key/value heads x head width 32",
+        "a different number of key/value heads and head width",
+    ),
+}
 
 
 @pytest.fixture(scope="module")
@@ -129,12 +155,17 @@ def test_every_vertex_starts_at_the_adapter_plus_the_usual_spread(small_assets, 
     torch.testing.assert_close(start - prefix, draws - draws.mean(0), atol=1e-5, rtol=1e-5)  # the usual spread
     alpha = simplex.expand_alpha(simplex.centroid_alpha(3), 1, model.geometry.num_layers)
     torch.testing.assert_close(simplex.mix_prefix(start, alpha)[0], prefix, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ConfigError, match="the adapter's prefix is \\(8, 1536\\) over 4 layers"):  # another model
-        small = PrefixSubspaceModel(AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=2), 1, P, [5])
+    small = PrefixSubspaceModel(AutoModelForCausalLM.from_pretrained(model_dir, num_hidden_layers=2), 1, P, [5])
+    with pytest.raises(ConfigError) as refused:  # another model
         start_vertices(cfg, small, 0, tokenizer.all_special_ids, len(tokenizer))
+    assert f"made for {model_dir} ({OURS}), this model has 2 layers x 3 key/value heads x head width 64: a " in str(
+        refused.value
+    )
 
 
-@pytest.mark.parametrize("case", ["another P", "a LoRA adapter", "a pickled adapter", "no folder"])
+@pytest.mark.parametrize(
+    "case", ["another P", "a LoRA adapter", "a pickled adapter", "no folder", "a prefix its config does not describe"]
+)
 def test_an_adapter_that_does_not_fit_is_one_line_before_the_model_loads(
     small_assets, adapter, tmp_path, case, capsys, monkeypatch
 ):
@@ -153,9 +184,16 @@ def test_an_adapter_that_does_not_fit_is_one_line_before_the_model_loads(
     elif case == "a pickled adapter":
         (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
         message = "adapter_model.bin is a pickle"
-    else:
+    elif case == "no folder":
         folder = tmp_path / "nowhere"
         message = "no adapter_model.safetensors there"
+    else:
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "num_layers": 2}))
+        message = (
+            "adapter_model.safetensors holds a prefix of (8, 1536), adapter_config.json says 2 layers x 3 key/value "
+            "heads x head width 64, which is (8, 768); save the adapter again with PEFT's save_pretrained"
+        )
     out = tmp_path / "run"
 
     def refuse(*args, **kwargs):
@@ -165,3 +203,52 @@ def test_an_adapter_that_does_not_fit_is_one_line_before_the_model_loads(
     assert main(run_args(model_dir, data, out, "simplex.vertices=1", f"prefix.init=peft:{folder}", *extra)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: prefix.init=peft:") and message in err[0], err
+
+
+def _adapter_for_another_model(model_dir, root, changes: dict):
+    """(base model folder, adapter folder): a small random Llama, the small SmolLM2's config with ``changes`` (and a
+    64-token vocabulary), saved, and the untrained prefix-tuning adapter PEFT makes on it and saves (PEFT records
+    the base model's folder in base_model_name_or_path, and its L, H_kv, H_kv * D as num_layers,
+    num_attention_heads, token_dim)."""
+    from peft import PrefixTuningConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir, vocab_size=64, intermediate_size=64, **changes)
+    base, folder = root / "another-model", root / "adapter"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(base)
+    peft_config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft_config).save_pretrained(folder)
+    return base, folder
+
+
+@pytest.mark.parametrize("case", list(OTHER_MODELS))
+def test_an_adapter_made_for_another_model_is_one_line_naming_it_before_the_model_loads(
+    small_assets, tmp_path, case, capsys, monkeypatch
+):
+    """L, H_kv and D are compared one by one, not only the total width L * 2 * H_kv * D, both by the import itself
+    (load_peft_prefix) and before the backbone loads; the message names the adapter's base model."""
+    from dist_subspace.core.arch import PrefixGeometry
+    from dist_subspace.core.export import load_peft_prefix
+
+    changes, theirs, what = OTHER_MODELS[case]
+    model_dir, data = small_assets
+    base, folder = _adapter_for_another_model(model_dir, tmp_path, changes)
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    message = (
+        f"prefix.init=peft:{folder}: the adapter was made for {base} ({theirs}), this model has {OURS}: {what}; "
+        f"use a prefix-tuning adapter trained on this model, or set model.name_or_path={base}"
+    )
+    with pytest.raises(ValueError) as refused:
+        load_peft_prefix(folder, PrefixGeometry(4, 3, 64), P)
+    assert str(refused.value) == message
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(Engine, "load_backbone", refuse)
+    capsys.readouterr()  # the saves' progress bars
+    args = ["simplex.vertices=1", f"prefix.length={P}", f"prefix.init=peft:{folder}"]
+    assert main(run_args(model_dir, data, tmp_path / "run", *args)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {message}"], err

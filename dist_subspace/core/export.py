@@ -75,18 +75,79 @@ def read_peft_adapter(folder: Path) -> tuple[dict, torch.Tensor]:
     return config, tensors["prompt_embeddings"].float()
 
 
+def peft_adapter_geometry(config: dict) -> PrefixGeometry | None:
+    """The backbone geometry (L, H_kv, D) a PEFT prefix-tuning adapter was made for, from what PEFT's
+    ``PrefixTuningConfig`` records in ``adapter_config.json``: ``num_layers`` (L), ``num_attention_heads`` (H_kv
+    under grouped-query attention) and ``token_dim`` (H_kv * D). None when one of them is missing."""
+    values = [config.get(key) for key in ("num_layers", "num_attention_heads", "token_dim")]
+    if not all(isinstance(v, int) and v > 0 for v in values):
+        return None
+    layers, heads, width = values
+    return PrefixGeometry(layers, heads, width // heads)
+
+
+def _describe(g: PrefixGeometry) -> str:
+    return f"{g.num_layers} layers x {g.num_kv_heads} key/value heads x head width {g.head_dim}"
+
+
+def check_peft_fit(
+    folder: Path, config: dict, weight: torch.Tensor, prefix_length: int, geometry: PrefixGeometry | None = None
+) -> None:
+    """ValueError, one line, unless a PEFT adapter (:func:`read_peft_adapter`'s config and prefix embedding
+    ``[P, L * 2 * H_kv * D]``) holds the prefix its config describes, of ``prefix_length`` tokens and, when
+    ``geometry`` is given, for a backbone of that L, H_kv and D, each compared on its own (the total width alone
+    would take 6 heads x 32 for 3 x 64); the error names the adapter's base model."""
+    where = f"prefix.init=peft:{folder}"
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{where}: prompt_embeddings is {tuple(weight.shape)}, not [P, L * 2 * H_kv * D]; save the adapter again "
+            "with PEFT's save_pretrained"
+        )
+    tokens = weight.shape[0]
+    if tokens != prefix_length:
+        raise ValueError(
+            f"{where}: the adapter's prefix is {tokens} tokens (num_virtual_tokens={config.get('num_virtual_tokens')}),"
+            f" prefix.length is {prefix_length}; set prefix.length={tokens}"
+        )
+    own = peft_adapter_geometry(config)
+    if own is not None:
+        width = own.num_layers * 2 * own.num_kv_heads * own.head_dim
+        if weight.shape[1] != width:
+            raise ValueError(
+                f"{where}: adapter_model.safetensors holds a prefix of {tuple(weight.shape)}, adapter_config.json says "
+                f"{_describe(own)}, which is ({tokens}, {width}); save the adapter again with PEFT's save_pretrained"
+            )
+    if geometry is None:
+        return
+    g = geometry
+    base = config.get("base_model_name_or_path")
+    fix = "use a prefix-tuning adapter trained on this model" + (f", or set model.name_or_path={base}" if base else "")
+    if own is None:  # no geometry recorded (not made by PEFT): the total width is all there is to compare
+        want = (prefix_length, g.num_layers * 2 * g.num_kv_heads * g.head_dim)
+        if tuple(weight.shape) != want:
+            raise ValueError(
+                f"{where}: the adapter's prefix is {tuple(weight.shape)}, this model's ({_describe(g)}) is {want} "
+                f"(its adapter_config.json records no num_layers, num_attention_heads, token_dim); {fix}"
+            )
+        return
+    pairs = [
+        ("number of layers", own.num_layers, g.num_layers),
+        ("number of key/value heads", own.num_kv_heads, g.num_kv_heads),
+        ("head width", own.head_dim, g.head_dim),
+    ]
+    differs = [name for name, theirs, ours in pairs if theirs != ours]
+    if differs:
+        made = f"was made for {base} ({_describe(own)})" if base else f"is for {_describe(own)}"
+        raise ValueError(
+            f"{where}: the adapter {made}, this model has {_describe(g)}: a different {' and '.join(differs)}; {fix}"
+        )
+
+
 def load_peft_prefix(folder: Path, geometry: PrefixGeometry, prefix_length: int) -> torch.Tensor:
     """A PEFT prefix-tuning adapter (:func:`read_peft_adapter`) as a prefix ``[L, 2, H_kv, P, D]`` (float32) for a
-    backbone of ``geometry``; ValueError, one line, when its geometry is not this backbone's and ``prefix.length``'s."""
+    backbone of ``geometry``; ValueError, one line, when it does not fit it and ``prefix.length``
+    (:func:`check_peft_fit`)."""
     config, weight = read_peft_adapter(folder)
+    check_peft_fit(folder, config, weight, prefix_length, geometry)
     g = geometry
-    want = (prefix_length, g.num_layers * 2 * g.num_kv_heads * g.head_dim)
-    if tuple(weight.shape) != want or config.get("num_layers", g.num_layers) != g.num_layers:
-        raise ValueError(
-            f"prefix.init=peft:{folder}: the adapter's prefix is {tuple(weight.shape)} over "
-            f"{config.get('num_layers')} layers (P = {config.get('num_virtual_tokens')}), this backbone and "
-            f"prefix.length need {want} over {g.num_layers} layers of {g.num_kv_heads} key/value heads x "
-            f"{g.head_dim} (P = {prefix_length}); set prefix.length to the adapter's P, or use an adapter trained on "
-            "this model"
-        )
     return prefix_from_peft_weight(weight, g.num_layers, g.num_kv_heads, g.head_dim)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from dist_subspace.core.arch import arch_spec
+from dist_subspace.core.arch import arch_spec, prefix_geometry
 from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.core.embedded import resolve_model
 from dist_subspace.core.export import load_peft_prefix
@@ -21,7 +21,7 @@ from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
 from dist_subspace.data.tasks import FewShotSplits
 from dist_subspace.training.engine import Engine
-from dist_subspace.training.preflight import check_context
+from dist_subspace.training.preflight import check_context, check_peft_adapter
 
 
 def replica_config(cfg: Config, replica: int) -> Config:
@@ -56,6 +56,10 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     model_config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     decoder = arch_spec(model_config).kind == "decoder"
     check_context(model_config, cfg.model.max_length, cfg.prefix.length, decoder)
+    if cfg.prefix.init.startswith("peft:"):  # the adapter's L, H_kv and D against this backbone's, before it loads
+        check_peft_adapter(
+            Path(cfg.prefix.init.removeprefix("peft:")), cfg.prefix.length, prefix_geometry(model_config)
+        )
     if cfg.model.adapter == "lora" and engine.partitioned:
         raise ConfigError("model.adapter=lora runs with a replicated backbone: drop ZeRO-3 (engine.deepspeed)")
     if decoder and cfg.simplex.regularise_head:

@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
+from dist_subspace.core.arch import PrefixGeometry
 from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.core.embedded import EMBEDDED_MODELS, resolve_model
 from dist_subspace.training.checkpoint import CheckpointError, latest_checkpoint, read_tensors, verify_folder
@@ -201,20 +202,17 @@ def check_optional_packages(cfg: Config) -> None:
         )
 
 
-def check_peft_adapter(folder: Path, prefix_length: int) -> None:
-    """``prefix.init=peft:PATH``: a PEFT prefix-tuning adapter in safetensors, of ``prefix.length`` tokens."""
-    from dist_subspace.core.export import read_peft_adapter
+def check_peft_adapter(folder: Path, prefix_length: int, geometry: PrefixGeometry | None = None) -> None:
+    """``prefix.init=peft:PATH``: a PEFT prefix-tuning adapter in safetensors, of ``prefix.length`` tokens, holding
+    the prefix ``[P, L * 2 * H_kv * D]`` its config describes and, given the backbone's geometry (read from its
+    config before it loads), made for that L, H_kv and D, each compared on its own."""
+    from dist_subspace.core.export import check_peft_fit, read_peft_adapter
 
     try:
         config, weight = read_peft_adapter(folder)
+        check_peft_fit(folder, config, weight, prefix_length, geometry)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    tokens = weight.shape[0]
-    if tokens != prefix_length:
-        raise ConfigError(
-            f"prefix.init=peft:{folder}: the adapter's prefix is {tokens} tokens (num_virtual_tokens="
-            f"{config.get('num_virtual_tokens')}), prefix.length is {prefix_length}; set prefix.length={tokens}"
-        )
 
 
 def check_train(cfg: Config) -> None:
