@@ -1,5 +1,6 @@
 """The study's statistics, on plain numbers: paired differences with their t interval, a sign-flip permutation
-test that keeps each pair in its task, and Holm's correction over the methods compared. scipy does the work."""
+test that keeps each pair in its task, and Holm's correction over the methods compared. scipy does the work (1.15
+or later, pyproject's floor: ``permutation_test(rng=)``, and ``wilcoxon``'s exact p-value where a difference is 0)."""
 
 from __future__ import annotations
 
