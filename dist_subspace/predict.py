@@ -14,10 +14,19 @@ share of the S points whose own argmax is not the predicted label (0, 1/S, ..., 
 the format (``.csv .tsv .jsonl .parquet``), written to a temporary file beside it and renamed at the end (a
 failure leaves no partial file); without ``--out``, JSON lines on stdout.
 
-Inputs stream through the model 256 at a time (``--chunk``), with a progress bar on stderr. Under a launcher
-(``torchrun --nproc_per_node N -m dist_subspace.predict ...``) every process reads the file, the rows of each
-chunk are shared out between them, and only the main process writes, each row once, in order. An input's
-ensemble points depend on its row number only, never on the chunk or the number of processes.
+Inputs stream from the file through the model 256 rows at a time (``--chunk``), with a progress bar on stderr: a
+process holds one chunk of the input, never the whole file (.csv, .tsv, .jsonl and .parquet are read a chunk at a
+time; a .json file, one JSON document, is read whole: write JSON lines to stream a large input). Before the model
+loads, the columns are checked from the file's header (.csv, .tsv) or schema (.parquet), JSON's from its first
+rows, and then every row is read once, a chunk at a time, so that an empty text anywhere is refused before any
+work (and the progress bar knows the total). Should the file change after that check, a bad row met during the
+pass is still one line, exit status 2, and no output file; on stdout the rows before it are already printed.
+
+Under a launcher (``torchrun --nproc_per_node N -m dist_subspace.predict ...``) every process streams the file,
+the rows of each chunk are shared out between them, and only the main process writes, each row once, in order;
+the processes agree on every chunk before its pass (one small exchange), so a chunk that one of them cannot read
+stops them all at the same pass. An input's ensemble points depend on its row number only, never on the chunk or
+the number of processes. A failure to write the output (a full disk, a closed pipe) is one line, exit status 1.
 """
 
 from __future__ import annotations
@@ -27,13 +36,13 @@ import csv
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 from dist_subspace.core.cli import USER_ERRORS, OneLineParser, exit_now, user_error
 from dist_subspace.core.config import Config, ConfigError, check_eval_mode
-from dist_subspace.data.tables import read_table
+from dist_subspace.data.tables import table_chunks, table_header
 from dist_subspace.data.tasks import GLUE, LOCAL_SUFFIXES, TASKS, Example, TaskSpec
 from dist_subspace.training.preflight import is_main_rank
 
@@ -77,33 +86,81 @@ def _cell(value) -> str:
     return "" if value is None or value != value else str(value)  # None / NaN -> ""
 
 
-def read_inputs(path: Path, text: str, pair: str | None, label: str) -> tuple[list[Example], bool]:
-    """The rows of ``path`` as examples (``label`` 0, unused) in file order, and whether it has a ``label``
-    column. A missing text column, an empty text, an empty, unreadable or unknown file: a one-line ValueError."""
-    if path.suffix.lower() not in LOCAL_SUFFIXES:
-        raise ConfigError(
-            f"--data {str(path)!r}: unsupported type {path.suffix.lower() or '(none)'!r}; use one of {LOCAL_SUFFIXES}"
-        )
-    if not path.is_file():
-        raise ConfigError(f"--data {str(path)!r} not found; give the file of texts to label")
-    frame = read_table(path)
-    for key, column in (("text_field", text), ("text_pair_field", pair)):
-        if column is not None and column not in frame.columns:
+class Inputs:
+    """``--data``, the texts to label, read ``chunk`` rows at a time (one chunk held at a time): iterate it for
+    each chunk's examples (``label`` 0, unused; ``id`` the row number), in file order.
+
+    Made before the model loads: an unknown type, a missing file and a missing text column (from the header or
+    schema; JSON's from its first chunk) are one-line ConfigErrors at once; ``labelled`` says whether the file has
+    the ``label`` column. An empty text (the row named) or an unreadable part is a one-line ConfigError raised
+    when its chunk is read: :meth:`count` reads them all first."""
+
+    def __init__(self, path: Path, text: str, pair: str | None, label: str, chunk: int) -> None:
+        if path.suffix.lower() not in LOCAL_SUFFIXES:
             raise ConfigError(
-                f"--data {str(path)!r}: no column {column!r} (the run's data.{key}); columns present: "
-                f"{[str(c) for c in frame.columns]}"
+                f"--data {str(path)!r}: unsupported type {path.suffix.lower() or '(none)'!r}; "
+                f"use one of {LOCAL_SUFFIXES}"
             )
-    texts = [_cell(v) for v in frame[text].tolist()]
-    pairs = [_cell(v) for v in frame[pair].tolist()] if pair else [None] * len(texts)
-    examples = []
-    for i, (t, p) in enumerate(zip(texts, pairs, strict=True)):
-        empty = [c for c, v in ((text, t), (pair, p)) if c is not None and not v.strip()]
-        if empty:
-            raise ConfigError(
-                f"--data {str(path)!r}: row {i} has an empty text in column {empty[0]!r}; fill or remove it"
-            )
-        examples.append({"text": t, "text_pair": p, "label": 0, "id": i})
-    return examples, label in frame.columns
+        if not path.is_file():
+            raise ConfigError(f"--data {str(path)!r} not found; give the file of texts to label")
+        self.path, self.text, self.pair, self.chunk = path, text, pair, chunk
+        self.header = _refusal(table_header, path)  # None for JSON: no header, its first rows tell
+        columns = self.header
+        if columns is None:
+            frames = self._frames()
+            columns = list(next(frames).columns)  # table_chunks yields at least one chunk, or refuses the file
+            frames.close()
+        for key, column in (("text_field", text), ("text_pair_field", pair)):
+            if column is not None and column not in columns:
+                raise ConfigError(
+                    f"--data {str(path)!r}: no column {column!r} (the run's data.{key}); columns present: "
+                    f"{[str(c) for c in columns]}"
+                )
+        self.labelled = label in columns
+
+    def _frames(self) -> Iterator:
+        """The file's chunks as DataFrames (of the text columns only where the header names them)."""
+        wanted = [c for c in (self.text, self.pair) if c is not None] if self.header is not None else None
+        frames = table_chunks(self.path, self.chunk, wanted)
+        while True:
+            frame = _refusal(next, frames, None)
+            if frame is None:
+                return
+            yield frame
+
+    def __iter__(self) -> Iterator[list[Example]]:
+        start = 0
+        for frame in self._frames():
+            yield self._examples(frame, start)
+            start += len(frame)
+
+    def _examples(self, frame, start: int) -> list[Example]:
+        """A chunk's rows as examples numbered from ``start``; a text column absent from a JSON chunk is empty."""
+        texts = [_cell(v) for v in frame[self.text].tolist()] if self.text in frame.columns else [""] * len(frame)
+        pairs: list = [None] * len(texts)
+        if self.pair is not None:
+            pairs = [_cell(v) for v in frame[self.pair].tolist()] if self.pair in frame.columns else [""] * len(texts)
+        examples = []
+        for i, (t, p) in enumerate(zip(texts, pairs, strict=True), start):
+            empty = [c for c, v in ((self.text, t), (self.pair, p)) if c is not None and not v.strip()]
+            if empty:
+                raise ConfigError(
+                    f"--data {str(self.path)!r}: row {i} has an empty text in column {empty[0]!r}; fill or remove it"
+                )
+            examples.append({"text": t, "text_pair": p, "label": 0, "id": i})
+        return examples
+
+    def count(self) -> int:
+        """Read every chunk once and return the number of rows: every refusal of the file, before any work."""
+        return sum(len(part) for part in self)
+
+
+def _refusal(read: Callable, *args):
+    """``read(*args)``, a read of the input file: its one-line ValueError (a file it cannot read) as a ConfigError."""
+    try:
+        return read(*args)
+    except ValueError as err:
+        raise err if isinstance(err, ConfigError) else ConfigError(str(err)) from None
 
 
 def check_out(out: Path | None) -> None:
@@ -132,6 +189,27 @@ def prediction_rows(label_names: Sequence[str], point_probs, ensemble: bool) -> 
             row.update(spread=float(summary["spread"][n]), disagreement=float(summary["disagreement"][n]))
         rows.append(row)
     return rows
+
+
+class OutputFailed(Exception):
+    """Writing the output failed (a full disk, a closed pipe): a fault, not a bad input (exit status 1)."""
+
+
+@contextmanager
+def _writing(where: str) -> Iterator[None]:
+    """An OSError of the block (a write, a flush, the rename) as :class:`OutputFailed`, naming ``where``."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputFailed(f"{where}: could not write ({err.strerror or err})") from None
+
+
+def _guarded(write: Callable[[list[dict]], None], where: str) -> Callable[[list[dict]], None]:
+    def guarded(rows: list[dict]) -> None:
+        with _writing(where):
+            write(rows)
+
+    return guarded
 
 
 def _json_lines(stream) -> Callable[[list[dict]], None]:
@@ -175,30 +253,64 @@ def _file_writer(kind: str, tmp: Path, stack: ExitStack) -> Callable[[list[dict]
 def row_writer(out: Path | None) -> Iterator[Callable[[list[dict]], None]]:
     """A function that writes rows (dicts with the same keys) to ``out`` in the format of its extension: into
     ``.tmp-NAME`` beside it, flushed to disk and renamed over ``out`` when the block ends; an error in the block
-    removes the temporary file (no partial output). JSON lines on stdout when ``out`` is None."""
+    removes the temporary file (no partial output). JSON lines on stdout when ``out`` is None. A write that fails
+    (an OSError: a full disk, a closed pipe) is :class:`OutputFailed`."""
     if out is None:
-        yield _json_lines(sys.stdout)
+        yield _guarded(_json_lines(sys.stdout), "stdout")
         return
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp, where = out.with_name(f".tmp-{out.name}"), f"--out {str(out)!r}"
     try:
         with ExitStack() as stack:
-            yield _file_writer(out.suffix.lower(), tmp, stack)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, out)
+            with _writing(where):
+                write = _file_writer(out.suffix.lower(), tmp, stack)
+            yield _guarded(write, where)
+            with _writing(where):
+                stack.close()  # the last flush, where a full disk shows
+        with _writing(where):
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def predict_chunks(run, examples: Sequence[Example], mode: str, chunk: int, batch_size: int) -> Iterator[list[dict]]:
-    """Label ``examples`` with a loaded run (:class:`~dist_subspace.training.reload.FinishedRun`) in ``mode``:
-    ``chunk`` inputs at a time, each chunk one stacked pass of the mode's points; yields each chunk's rows (on
-    every process: the outputs are gathered on all). Every process must draw every chunk (the passes are
-    collective)."""
+def agreed_chunks(engine, chunks: Iterable[Sequence[Example]]) -> Iterator[Sequence[Example]]:
+    """``chunks`` (each process reads its own copy of the input), each yielded once every process has read its
+    own: one exchange of (rows, refusal) per chunk, so that the processes run the same passes. A ConfigError or
+    :class:`OutputFailed` from any process's ``chunks`` (a bad row; the main process's failed write) is raised on
+    every process at the same chunk, the lowest rank's first, and processes that read different numbers of rows
+    raise a ConfigError, instead of leaving the others waiting in a collective."""
+    iterator, start = iter(chunks), 0
+    while True:
+        try:
+            part, problem = next(iterator, None), None
+        except (ConfigError, OutputFailed) as err:
+            part, problem = None, err
+        views = engine.gather_objects((None if part is None else len(part), problem))
+        problems = [p for _, p in views if p is not None]
+        if problems:
+            raise problems[0]
+        sizes = [n for n, _ in views]
+        if len(set(sizes)) > 1:
+            raise ConfigError(
+                f"--data: the processes read different rows from row {start} on (chunk sizes {sizes}, by rank); "
+                "give every process the same file"
+            )
+        if part is None:
+            return
+        yield part
+        start += len(part)
+
+
+def predict_chunks(run, chunks: Iterable[Sequence[Example]], mode: str, batch_size: int) -> Iterator[list[dict]]:
+    """Label the examples of ``chunks`` (lists of examples, in input order) with a loaded run
+    (:class:`~dist_subspace.training.reload.FinishedRun`) in ``mode``: each chunk one stacked pass of the mode's
+    points, its rows shared out between the processes; yields each chunk's rows (on every process: the outputs
+    are gathered on all). Every process must be given the same chunks (see :func:`agreed_chunks`)."""
     import torch
 
     from dist_subspace.data.batching import Collator
@@ -206,13 +318,13 @@ def predict_chunks(run, examples: Sequence[Example], mode: str, chunk: int, batc
 
     kind, number = check_mode(mode)
     points = mode_points(run.model, kind, number, run.cfg.simplex.sampling)
-    base = run.collator
-    for start in range(0, len(examples), chunk):
-        part = examples[start : start + chunk]
+    base, start = run.collator, 0
+    for part in agreed_chunks(run.engine, chunks):
         collator = Collator(base.tokenizer, base.task, base.decoder, base.max_length)  # its token cache: one chunk
         queries = [Query(part, from_offset(p, start)) for p in points]
-        logits = model_outputs(run.model, run.engine, queries, collator, batch_size)
+        logits = model_outputs(run.model, run.engine, queries, collator, batch_size)  # [N, C] per point
         yield prediction_rows(run.task.label_names, torch.stack(logits).softmax(-1), kind == "ensemble")
+        start += len(part)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,46 +334,71 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output: .csv .tsv .jsonl .parquet (default: JSON lines on stdout)")
     parser.add_argument("--mode", default="centroid", help="centroid | vertex:I | ensemble:S (default: centroid)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows (input x point) per forward")
-    parser.add_argument("--chunk", type=int, default=CHUNK, help="inputs per stacked pass")
+    parser.add_argument("--chunk", type=int, default=CHUNK, help="inputs per stacked pass (and per read)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    from dist_subspace.training.reload import finished_run_config, load_finished_run
+    from dist_subspace.training.reload import check_mode_fits, finished_run_config, load_finished_run
 
     try:  # everything a user can get wrong, before the model loads
         if args.batch_size < 1 or args.chunk < 1:
             raise ConfigError(f"--batch-size and --chunk must be >= 1 (got {args.batch_size}, {args.chunk})")
-        check_mode(args.mode)
+        kind, number = check_mode(args.mode)
         check_out(args.out)
         cfg = finished_run_config(args.run_dir)
+        check_mode_fits(cfg, kind, number)
         text, pair, label = input_columns(cfg)
         task = named_task(cfg)
         if task is not None and task.regression:
             raise ConfigError(f"{task.name} is a regression task; predict labels classification tasks")
-        examples, labelled = read_inputs(args.data, text, pair, label)
+        inputs = Inputs(args.data, text, pair, label, args.chunk)
+        total = inputs.count()  # every row read and checked once, a chunk at a time
     except USER_ERRORS as err:
         return say_error(err)
-    if labelled and is_main_rank():
+    if inputs.labelled and is_main_rank():
         print(f"warning: column {label!r} of {args.data} is ignored (predict only labels texts)", file=sys.stderr)
 
-    run = None
     try:
-        run = load_finished_run(args.run_dir, cfg)
-        from tqdm import tqdm
-
-        main_process = run.engine.is_main
-        with row_writer(args.out) if main_process else nullcontext(None) as write:
-            bar = tqdm(total=len(examples), desc="predict", unit="input", file=sys.stderr, disable=not main_process)
-            for rows in predict_chunks(run, examples, args.mode, args.chunk, args.batch_size):
-                if write is not None:
-                    write(rows)
-                bar.update(len(rows))
-            bar.close()
+        run = load_finished_run(args.run_dir, cfg)  # its own files (model, tokenizer, data): their refusals
     except USER_ERRORS as err:
-        if run is not None:
-            run.end()
         return say_error(err)
-    run.end()
+    try:  # only the refusals meant: the input changed since it was checked, a write failed; a bug keeps its traceback
+        label_all(run, inputs, total, args)
+    except ConfigError as err:
+        return say_error(err)
+    except OutputFailed as err:
+        if is_main_rank():
+            print(f"error: {err}", file=sys.stderr)
+        return 1
+    finally:
+        run.end()  # a later run in this process (a notebook, a test) starts clean
     return 0
+
+
+def label_all(run, inputs: Iterable[Sequence[Example]], total: int, args: argparse.Namespace) -> None:
+    """Label ``inputs`` (``total`` rows) in ``args.mode`` and write the rows to ``args.out`` (main process), with a
+    progress bar. A write that fails stops every process at the next chunk (:class:`OutputFailed`)."""
+    from tqdm import tqdm
+
+    failed: list[OutputFailed] = []
+
+    def watched() -> Iterator[Sequence[Example]]:
+        for part in inputs:
+            if failed:
+                raise failed[0]
+            yield part
+        if failed:
+            raise failed[0]
+
+    main_process = run.engine.is_main
+    bar = tqdm(total=total, desc="predict", unit="input", file=sys.stderr, disable=not main_process)
+    with bar, row_writer(args.out) if main_process else nullcontext(None) as write:  # an error ends the bar's line
+        for rows in predict_chunks(run, watched(), args.mode, args.batch_size):
+            if write is not None and not failed:
+                try:
+                    write(rows)
+                except OutputFailed as err:
+                    failed.append(err)
+            bar.update(len(rows))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """The commands that read a finished run, on a short real run: ``predict`` (labels for new texts, in input order,
-in every output format, with the subspace's uncertainty, on 1 and 2 processes; every bad input one line, exit 2,
-no file) and the calibration ``evaluate`` now prints."""
+in every output format, with the subspace's uncertainty, on 1 and 2 processes; the input streamed a chunk at a
+time; every bad input one line, exit 2, no file) and the calibration ``evaluate`` now prints."""
 
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -221,16 +222,170 @@ def test_evaluate_prints_the_calibration_of_the_mode(run, tmp_path, capsys):
 
 
 @pytest.mark.distributed
-def test_two_processes_write_the_file_one_process_writes(run, inputs, ensemble_one, tmp_path):
+def test_two_processes_write_the_file_one_process_writes(run, inputs, reference, tmp_path):
+    """3 points x chunks of 13, 13 and 4 inputs: 39 rows a pass do not split evenly over 2 processes, so one of
+    them pads its share by repeating rows; each input must still come out once, in input order."""
     out = tmp_path / "two.csv"
     torchrun = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port())]
-    args = [str(run), "--data", str(inputs["csv"]), "--out", str(out), "--mode", "ensemble:4", "--chunk", "16"]
+    args = [str(run), "--data", str(inputs["csv"]), "--out", str(out), "--mode", "ensemble:3", "--chunk", "13"]
     launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")  # none left from this process
     env = {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [*torchrun, "-m", "dist_subspace.predict", *args]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = pd.read_csv(ensemble_one), pd.read_csv(out)
-    assert list(two.columns) == list(one.columns) and two["label"].tolist() == one["label"].tolist()
-    np.testing.assert_allclose(two.drop(columns="label").to_numpy(), one.drop(columns="label").to_numpy(), atol=1e-5)
+    assert (13 * 3) % 2 == 1 and N % 13 == 4  # the padding path runs, and the last chunk is short
+    two = pd.read_csv(out)
+    assert len(two) == N  # each input once
+    mean = reference["ensemble"][:3].mean(0)  # ensemble:3 draws the first 3 of ensemble:4's points: [N, C]
+    np.testing.assert_allclose(two[PROBS].to_numpy(), mean, atol=1e-5)  # row i is input i
+    assert two["label"].tolist() == [NAMES[i] for i in mean.argmax(1)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["two.csv"]
+
+
+# ---- streaming: one chunk of the input at a time --------------------------------------------------------------------
+def _never_whole(monkeypatch, data) -> None:
+    """Reading the file ``data`` whole (what read_table does) fails the test (the run's own data may be)."""
+    from dist_subspace.data import tables
+
+    read_whole = tables._read_table
+
+    def whole(path):
+        assert Path(path).resolve() != Path(data).resolve(), f"{path} was read whole"
+        return read_whole(path)
+
+    monkeypatch.setattr(tables, "_read_table", whole)
+
+
+def test_the_input_streams_through_the_model_one_chunk_at_a_time(run, inputs, reference, tmp_path, monkeypatch):
+    """The file is never read whole, no pass sees more than --chunk inputs, and the output is what one pass over
+    the whole list gives, in input order."""
+    from dist_subspace.evaluation import scoring
+
+    _never_whole(monkeypatch, inputs["csv"])
+    passes, model_outputs = [], scoring.model_outputs
+
+    def counted(model, engine, queries, *args, **kwargs):
+        passes.append(len(queries[0].examples))
+        return model_outputs(model, engine, queries, *args, **kwargs)
+
+    monkeypatch.setattr(scoring, "model_outputs", counted)
+    out = tmp_path / "labels.csv"
+    assert predict(run, "--data", inputs["csv"], "--out", out, "--chunk", 8) == 0
+    assert passes == [8, 8, 8, 6]
+    np.testing.assert_allclose(pd.read_csv(out)[PROBS].to_numpy(), reference["centroid"], atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet", ".json"])
+def test_inputs_are_read_a_chunk_at_a_time_in_every_format(tmp_path, monkeypatch, suffix):
+    """Chunks of at most --chunk rows, numbered by their row in the file; only .json (one JSON document) is read
+    whole. The label column is seen from the header (or the first rows of JSON)."""
+    frame = pd.DataFrame({"label": ["positive"] * 11, "text": [f"review {i}, '1.50'" for i in range(11)]})
+    path = tmp_path / f"in{suffix}"
+    if suffix in (".csv", ".tsv"):
+        frame.to_csv(path, index=False, sep="," if suffix == ".csv" else "\t")
+    elif suffix == ".parquet":
+        frame.to_parquet(path, row_group_size=4)
+    else:
+        frame.to_json(path, orient="records", lines=suffix == ".jsonl")
+    if suffix != ".json":
+        _never_whole(monkeypatch, path)
+    from dist_subspace.predict import Inputs
+
+    inputs = Inputs(path, "text", None, "label", 4)
+    chunks = list(inputs)
+    assert inputs.labelled and inputs.count() == 11 and [len(c) for c in chunks] == [4, 4, 3]
+    assert [e["id"] for c in chunks for e in c] == list(range(11))
+    assert [e["text"] for c in chunks for e in c] == frame["text"].tolist()
+
+
+def test_a_bad_row_in_a_late_chunk_is_refused_before_the_model_loads(run, tmp_path, capsys, monkeypatch):
+    from dist_subspace.training.engine import Engine
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backbone was loaded")
+
+    monkeypatch.setattr(Engine, "load_backbone", refuse)
+    data, out = tmp_path / "in.csv", tmp_path / "out" / "labels.csv"
+    out.parent.mkdir()
+    texts = [f"the film {i}" if i != 37 else " " for i in range(40)]
+    pd.DataFrame({"text": texts, "source": "web"}).to_csv(data, index=False)
+    capsys.readouterr()
+    assert predict(run, "--data", data, "--out", out, "--chunk", 8) == 2
+    assert "row 37 has an empty text in column 'text'" in _one_line_error(capsys)
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.parametrize("out_suffix", [".csv", ".parquet"])
+def test_a_bad_row_met_after_output_started_leaves_no_file(run, inputs, tmp_path, capsys, monkeypatch, out_suffix):
+    """The file changes after it was checked (a row with no text appended while the model loads): the row is met
+    in the fourth chunk, after three were written: one line naming it, exit 2, nothing left in the folder."""
+    from dist_subspace.training import reload
+
+    data, out = tmp_path / "in.csv", tmp_path / "out" / f"labels{out_suffix}"
+    out.parent.mkdir()
+    pd.DataFrame({"text": inputs["texts"]}).to_csv(data, index=False)
+    load = reload.load_finished_run
+
+    def load_then_damage(*args, **kwargs):
+        loaded = load(*args, **kwargs)
+        with open(data, "a") as f:
+            f.write('""\n')  # row 30: an empty text
+        return loaded
+
+    monkeypatch.setattr(reload, "load_finished_run", load_then_damage)
+    capsys.readouterr()
+    assert predict(run, "--data", data, "--out", out, "--chunk", 8) == 2
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()  # the progress bar's, then the error
+    assert [line for line in lines if line.startswith("error")] == lines[-1:]
+    assert "row 30 has an empty text in column 'text'" in lines[-1]
+    assert list(out.parent.iterdir()) == []
+
+
+class _TwoRanks:
+    """Rank 0's view of a 2-process engine: ``gather_objects`` pairs this rank's object with the other's next."""
+
+    def __init__(self, other: list) -> None:
+        self.other = iter(other)
+
+    def gather_objects(self, obj) -> list:
+        return [obj, next(self.other)]
+
+
+def test_the_processes_agree_on_every_chunk_before_its_pass():
+    """One exchange per chunk: a refusal in any process, or a different number of rows, stops every process at that
+    chunk (with the same error), so that none is left waiting in a collective the others never run."""
+    from dist_subspace.core.config import ConfigError
+    from dist_subspace.predict import agreed_chunks
+
+    chunks = [[{"id": 0}, {"id": 1}], [{"id": 2}]]
+    assert list(agreed_chunks(_TwoRanks([(2, None), (1, None), (None, None)]), chunks)) == chunks
+    late = ConfigError("--data 'in.csv': row 2 has an empty text in column 'text'; fill or remove it")
+    got = agreed_chunks(_TwoRanks([(2, None), (None, late)]), chunks)
+    assert next(got) == chunks[0]
+    with pytest.raises(ConfigError, match="row 2 has an empty text"):
+        next(got)
+    with pytest.raises(ConfigError, match=r"read different rows from row 2 on \(chunk sizes \[1, 3\], by rank\)"):
+        list(agreed_chunks(_TwoRanks([(2, None), (3, None)]), chunks))
+
+
+def test_a_failed_write_is_one_line_exit_1_and_leaves_no_file(run, inputs, tmp_path, capsys, monkeypatch):
+    """A full disk while the output is written: a fault, not a bad input (exit 1, as training's), nothing left."""
+    import errno
+
+    def full_disk(kind, tmp, stack):
+        tmp.write_text("")  # the temporary file exists, as a real writer makes it
+
+        def write(rows):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        return write
+
+    monkeypatch.setattr(predict_command, "_file_writer", full_disk)
+    out = tmp_path / "out" / "labels.csv"
+    out.parent.mkdir()
+    capsys.readouterr()
+    assert predict(run, "--data", inputs["csv"], "--out", out, "--chunk", 8) == 1
+    lines = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()
+    assert [line for line in lines if line.startswith("error")] == lines[-1:]
+    assert lines[-1] == f"error: --out {str(out)!r}: could not write (No space left on device)"
+    assert list(out.parent.iterdir()) == []

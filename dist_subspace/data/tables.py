@@ -1,10 +1,11 @@
-"""Reading labelled tables: local files (csv, tsv, json lines, parquet) as pandas frames, with a one-line error for
-a missing, empty, unreadable or cut-short file, and their rows as examples (text, pair, label, id)."""
+"""Reading labelled tables: local files (csv, tsv, json lines, parquet) as pandas frames, whole or a chunk of rows at
+a time (:func:`table_chunks`, for inputs larger than memory), with a one-line error for a missing, empty, unreadable
+or cut-short file, and their rows as examples (text, pair, label, id)."""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from dist_subspace.data.tasks import LOCAL_SUFFIXES, Example
@@ -23,35 +24,125 @@ def _first_bad_json_line(path: Path) -> int | None:
     return None
 
 
-def read_table(path: str | Path):
-    """A local .csv/.tsv/.json/.jsonl/.parquet file as a pandas DataFrame (cells kept as written); a one-line
-    error for a missing, empty, unreadable or cut-short file."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} not found; check data.task / data.data_files")
     if path.stat().st_size == 0:
         raise ValueError(f"data file {str(path)!r} is empty; give a file with a header and rows")
+
+
+def _unreadable(path: Path, err: BaseException) -> ValueError:
+    """The one-line error for a file its reader failed on (``err``): the first line that is not JSON, or the
+    reader's own first line."""
+    line = _first_bad_json_line(path) if path.suffix.lower() in (".json", ".jsonl") else None
+    where = f" (line {line} is not valid JSON)" if line else f" ({str(err).strip().splitlines()[0][:200]})"
+    return ValueError(
+        f"data file {str(path)!r} cannot be read as {path.suffix.lower()}{where}; is it cut short or damaged?"
+    )
+
+
+def _no_rows(path: Path) -> ValueError:
+    return ValueError(f"data file {str(path)!r} holds no rows; give a file with labelled examples")
+
+
+# pandas' and pyarrow's parse errors are ValueErrors (UnicodeDecodeError is one too)
+_READ_ERRORS = (ValueError, OSError)
+
+
+def read_table(path: str | Path):
+    """A local .csv/.tsv/.json/.jsonl/.parquet file as a pandas DataFrame (cells kept as written); a one-line
+    error for a missing, empty, unreadable or cut-short file."""
+    path = Path(path)
+    _check_file(path)
     try:
         frame = _read_table(path)
-    except (ValueError, OSError, UnicodeDecodeError) as err:  # pandas' and pyarrow's parse errors are ValueErrors
-        line = _first_bad_json_line(path) if path.suffix.lower() in (".json", ".jsonl") else None
-        where = f" (line {line} is not valid JSON)" if line else f" ({str(err).strip().splitlines()[0][:200]})"
-        raise ValueError(
-            f"data file {str(path)!r} cannot be read as {path.suffix.lower()}{where}; is it cut short or damaged?"
-        ) from None
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
     if len(frame) == 0:
-        raise ValueError(f"data file {str(path)!r} holds no rows; give a file with labelled examples")
+        raise _no_rows(path)
     return frame
+
+
+def table_header(path: str | Path) -> list[str] | None:
+    """The column names of a .csv/.tsv file (its header) or a .parquet file (its schema), read without its rows;
+    None for JSON, which has no header (its first rows tell). A one-line ValueError as :func:`read_table`'s."""
+    path = Path(path)
+    _check_file(path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            return [str(c) for c in _read_csv(path, nrows=0).columns]
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return [str(name) for name in pq.read_schema(path).names]
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
+    return None
+
+
+def table_chunks(path: str | Path, rows: int, columns: Sequence[str] | None = None) -> Iterator:
+    """A local file as :func:`read_table` reads it, as pandas DataFrames of at most ``rows`` rows each, in file
+    order, holding one chunk at a time: .csv/.tsv (pandas' chunked reader), .jsonl (JSON lines, read ``rows``
+    lines at a time) and .parquet (pyarrow's record batches). A .json file (one JSON document) is read whole, then
+    cut. ``columns``: read only these (.csv/.tsv/.parquet; every name must be in :func:`table_header`); text
+    columns of .csv/.tsv are then kept exactly as written (``1.50`` stays ``1.50``).
+
+    A missing, empty or row-less file, or one that cannot be read, is a one-line ValueError as :func:`read_table`'s,
+    raised when the chunk that holds the fault is read (a later chunk's after the earlier ones were yielded)."""
+    path = Path(path)
+    _check_file(path)
+    yielded = False
+    try:
+        for frame in _chunks(path, rows, columns):
+            if len(frame):
+                yielded = True
+                yield frame
+    except _READ_ERRORS as err:
+        raise _unreadable(path, err) from None
+    if not yielded:
+        raise _no_rows(path)
+
+
+def _chunks(path: Path, rows: int, columns: Sequence[str] | None) -> Iterator:
+    import pandas as pd
+
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        text = {"usecols": list(columns), "dtype": dict.fromkeys(columns, str)} if columns is not None else {}
+        with _read_csv(path, chunksize=rows, **text) as reader:
+            yield from reader
+    elif suffix == ".jsonl":
+        with pd.read_json(path, lines=True, dtype=False, chunksize=rows) as reader:
+            yield from reader
+    elif suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(path) as parquet:
+            for batch in parquet.iter_batches(batch_size=rows, columns=None if columns is None else list(columns)):
+                yield batch.to_pandas()
+    else:  # .json: one document, no chunked reader
+        frame = _read_table(path)
+        for start in range(0, len(frame), rows):
+            yield frame.iloc[start : start + rows]
+
+
+def _read_csv(path: Path, **kwargs):
+    """pandas' read_csv as :func:`read_table` reads .csv and .tsv (GLUE-style TSV: tabs separate, quotes are
+    text), with ``kwargs`` (``nrows``, ``chunksize``, ``usecols``, ...)."""
+    import pandas as pd
+
+    if path.suffix.lower() == ".tsv":
+        return pd.read_csv(path, sep="\t", keep_default_na=False, quoting=csv.QUOTE_NONE, **kwargs)
+    return pd.read_csv(path, keep_default_na=False, **kwargs)
 
 
 def _read_table(path: Path):
     import pandas as pd
 
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        return pd.read_csv(path, keep_default_na=False)
-    if suffix == ".tsv":  # GLUE-style TSV: tabs separate, quotes are text
-        return pd.read_csv(path, sep="\t", keep_default_na=False, quoting=csv.QUOTE_NONE)
+    if suffix in (".csv", ".tsv"):
+        return _read_csv(path)
     if suffix == ".jsonl":
         return pd.read_json(path, lines=True, dtype=False)
     if suffix == ".json":

@@ -52,6 +52,17 @@ def finished_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     return cfg
 
 
+def check_mode_fits(cfg: Config, kind: str, number: int | None) -> None:
+    """A mode (``kind``, ``number`` from :func:`~dist_subspace.core.config.check_eval_mode`) the run of ``cfg`` has:
+    ``vertex:I`` names one of its K = ``simplex.vertices`` vertices (checked before the backbone loads)."""
+    k = cfg.simplex.vertices
+    if kind == "vertex" and not 0 <= number < k:
+        raise ConfigError(
+            f"--mode vertex:{number}: vertex index {number} out of range for K={k} (the run's simplex.vertices); "
+            f"use vertex:0 to vertex:{k - 1}"
+        )
+
+
 def load_finished_run(run_dir: Path, cfg: Config) -> FinishedRun:
     """Start the engine and build the run of ``cfg`` (from :func:`finished_run_config`) with its final simplex.
     On failure the engine ends before the error goes on."""
