@@ -8,6 +8,10 @@ examples the subspace is surest of by its disagreement, against the same cut by 
 centroid is scored as one more point of the same pass). ``--plot PATH.png`` writes a reliability diagram. Uses the
 run's resolved ``config.yaml`` and its ``final/simplex.safetensors``; ``--data key=value`` changes the data (e.g.
 ``--data task=path/to/file.csv``). Runs under any launcher, like training.
+
+A bad input (a folder that is not a finished run, a mode the run does not have, e.g. ``vertex:I`` beyond its K
+vertices, a plot in a folder that does not exist) is refused in one line ``error: ...`` from the main process, exit
+status 2, before the backbone loads; an unexpected error keeps its traceback.
 """
 
 from __future__ import annotations
@@ -19,15 +23,21 @@ from pathlib import Path
 import torch
 
 from dist_subspace.core import simplex
-from dist_subspace.core.cli import USER_ERRORS, exit_now, user_error
+from dist_subspace.core.cli import USER_ERRORS, OneLineParser, exit_now, user_error
 from dist_subspace.core.config import ConfigError, check_eval_mode
 from dist_subspace.evaluation import calibration
 from dist_subspace.evaluation.scoring import evaluate_with_outputs, write_landscape
-from dist_subspace.training.reload import finished_run_config, load_finished_run
+from dist_subspace.training.preflight import is_main_rank
+from dist_subspace.training.reload import check_mode_fits, finished_run_config, load_finished_run
+
+
+def say_error(err: BaseException) -> int:
+    """:func:`~dist_subspace.core.cli.user_error` from the main process only (every rank meets the same bad input)."""
+    return user_error(err) if is_main_rank() else 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dist_subspace.evaluate", description=__doc__.split("\n")[0])
+    parser = OneLineParser(prog="python -m dist_subspace.evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument(
         "--mode", default=None, help="centroid | vertex:I | ensemble:S | sampled:S | models:S (default: the run's)"
@@ -42,17 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.plot is not None and args.plot.suffix.lower() != ".png":
             raise ConfigError(f"--plot {str(args.plot)!r}: the reliability diagram is a PNG; end the path in .png")
+        if args.plot is not None and not args.plot.parent.is_dir():
+            raise ConfigError(f"--plot {str(args.plot)!r}: folder {str(args.plot.parent)!r} does not exist; create it")
         # A finished run, final/ complete and not corrupt, and a usable model folder: before anything loads.
         cfg = finished_run_config(args.run_dir, [f"data.{item}" for item in args.data])
         mode = args.mode or cfg.eval.mode
-        kind, _ = check_eval_mode(mode)
+        kind, number = check_eval_mode(mode)
+        check_mode_fits(cfg, kind, number)  # vertex:I of the run's K, before the backbone loads
     except ConfigError as err:
-        return user_error(err)
+        return say_error(err)
 
-    run = None
     try:
-        run = load_finished_run(args.run_dir, cfg)
+        run = load_finished_run(args.run_dir, cfg)  # its own files (model, tokenizer, data): their refusals
+    except USER_ERRORS as err:
+        return say_error(err)
+    try:  # only the refusals meant (ConfigError); a bug keeps its traceback
         task, model, engine = run.task, run.model, run.engine
+        main_process = engine.is_main
         examples = {"train": run.splits.train, "dev": run.splits.dev, "test": run.splits.test}[args.split]
         if args.plot is not None and task.regression:
             raise ConfigError(f"--plot: {task.name} is a regression task; a reliability diagram needs classes")
@@ -65,22 +81,20 @@ def main(argv: list[str] | None = None) -> int:
             labels = torch.tensor([e["label"] for e in examples])
             centroid = extra_outputs[0] if extra_outputs else None
             result.update(calibration.mode_calibration(kind, outputs, labels, centroid))
-            if args.plot is not None and engine.is_main:
+            if args.plot is not None and main_process:
                 title = f"{task.name} {args.split}: reliability of {mode}, n={len(examples)}"
                 path = calibration.reliability_diagram(kind, outputs, labels, args.plot, title, centroid, mode)
                 result["plot"] = str(path)
-    except USER_ERRORS as err:
-        if run is not None:
-            run.end()  # a later run in this process (a notebook, a test) starts clean
-        return user_error(err)
-    if args.landscape:
-        path = write_landscape(
-            model, engine, examples, run.collator, task, args.run_dir, cfg.eval.landscape_resolution, args.batch_size
-        )
-        result["landscape"] = str(path) if path else None
-    if engine.is_main:
+        if args.landscape:
+            grid = cfg.eval.landscape_resolution
+            path = write_landscape(model, engine, examples, run.collator, task, args.run_dir, grid, args.batch_size)
+            result["landscape"] = str(path) if path else None
+    except ConfigError as err:
+        return say_error(err)
+    finally:
+        run.end()  # a later run in this process (a notebook, a test) starts clean
+    if main_process:
         print(json.dumps(result), flush=True)
-    run.end()
     return 0
 
 

@@ -3,6 +3,9 @@
 :func:`finished_run_config` checks the run folder and reads its config before anything heavy loads (a bad folder
 is a one-line :class:`~dist_subspace.core.config.ConfigError`); :func:`load_finished_run` then starts the engine, builds
 data, tokenizer and model as training did, and loads ``final/simplex.safetensors``.
+
+Reading a run logs nothing: the trackers it trained with (``train.report_to``, ``train.tensorboard``) are not
+started, so a run trained with W&B is evaluated on a machine without wandb.
 """
 
 from __future__ import annotations
@@ -42,12 +45,14 @@ class FinishedRun:
 def finished_run_config(run_dir: Path, overrides: Sequence[str] = ()) -> Config:
     """The resolved config of the finished run in ``run_dir`` (with ``section.key=value`` ``overrides``), after
     checking, before anything heavy loads, that ``final/`` is complete and not corrupt and that the model folder
-    is usable. The run's landscape is off and nothing resumes."""
+    is usable. The run's landscape is off, nothing resumes, and no experiment tracker starts (reading a run logs
+    nothing, and the tracker's package need not be installed)."""
     run_dir = Path(run_dir)
     if not (run_dir / "final").is_dir() and (run_dir / "replica-0").is_dir():
         raise ConfigError(f"{run_dir} holds seed replicas, each a finished run: pass {run_dir / 'replica-R'}")
     check_run_folder(run_dir)
-    cfg = load_config(run_dir / "config.yaml", [*overrides, "eval.landscape=false", "train.resume=none"])
+    read_only = ["eval.landscape=false", "train.resume=none", "train.report_to=[]", "train.tensorboard=false"]
+    cfg = load_config(run_dir / "config.yaml", [*overrides, *read_only])
     check_model_folder(cfg.model.name_or_path, cfg.model.trust_remote_code)
     return cfg
 
