@@ -5,20 +5,33 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``: into ``.tmp-NAME`` beside it, flushed to disk, then renamed over ``path``
-    (a leftover ``.tmp-*`` from a killed write is removed by ``checkpoint.recover_interrupted_saves``)."""
+def save_atomic(path: Path, save: Callable[[Path], None]) -> None:
+    """``save(tmp)`` writes the file at ``.tmp-NAME`` beside ``path``; it is flushed to disk, then renamed over
+    ``path`` (a failed ``save`` leaves no temporary file; a leftover ``.tmp-*`` from a killed write is removed by
+    ``checkpoint.recover_interrupted_saves``)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        save(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (see :func:`save_atomic`)."""
+    save_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def write_json(path: Path, value: Any, indent: int | None = None) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dist_subspace.core.cli import exit_now, user_error
 from dist_subspace.core.config import ConfigError
 from dist_subspace.study.fanout import LAUNCHERS
 from dist_subspace.study.report import compare
-from dist_subspace.study.run import run_study
+from dist_subspace.study.run import StudyFailed, run_study
 from dist_subspace.study.spec import load_spec
 
 
@@ -35,6 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         "submitit-local: the same jobs as local processes",
     )
     parser.add_argument(
+        "--retrain-changed",
+        action="store_true",
+        help="units trained under another spec (a changed base, say) move to OUT/replaced/ and train again "
+        "(without it such a study is refused)",
+    )
+    parser.add_argument(
         "--compare",
         nargs=2,
         metavar=("METHOD", "VERSUS"),
@@ -47,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"--compare {' '.join(args.compare)}: both must be among the spec's methods {spec.methods}"
             )
-        result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher)
+        result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher, args.retrain_changed)
+    except StudyFailed as err:  # the report is written with the other units; a fault, not a bad input
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except (ConfigError, ValueError, OSError, RuntimeError) as err:
         return user_error(err)
     if args.table and "markdown" in result:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from dist_subspace.core.files import save_atomic
 from dist_subspace.study.spec import BASELINE, StudySpec
 
 
@@ -36,7 +37,7 @@ def plot(spec: StudySpec, summary: dict, curves: dict, path: Path) -> None:
     for ax in grid[-1][1:]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))  # a reader never sees half a PNG
 
 
 def _differences(ax, model: str, rows: dict, tasks: list[str], spec: StudySpec) -> None:

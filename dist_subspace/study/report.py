@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -174,15 +175,18 @@ def diversity_curves(cells: list[dict], spec: StudySpec, methods: tuple[str, ...
     }
 
 
-def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str]) -> dict:
-    """Write ``study.json``, ``study.md`` and ``study.png`` under ``root``; returns the summary (+ markdown)."""
+def report(spec: StudySpec, cells: list[dict], root: Path, kinds: dict[str, str], problems: Sequence[str] = ()) -> dict:
+    """Write ``study.json``, ``study.md`` and ``study.png`` under ``root``; returns the summary (+ markdown).
+    ``problems``: the units this run could not train (failed, or claimed by another process), listed first."""
     root.mkdir(parents=True, exist_ok=True)
     summary = summarise(spec, cells)
     curves = diversity_curves(cells, spec)
     spread = simplex_spread(cells, select_lrs(cells, spec))
     text = markdown(spec, summary) + "\n**How much the simplex varies** (mean over seeds)\n\n" + spread_markdown(spread)
+    if problems:  # their cells are missing from the table above (a method needs every rate of its grid)
+        text = "**Not trained in this run**\n\n" + "\n".join(f"- {line}" for line in problems) + "\n\n" + text
     record = {"spec": asdict(spec), "model_kinds": kinds, "cells": cells, **summary, "diversity": curves}
-    record["spread"] = spread
+    record.update(spread=spread, problems=list(problems))
     write_json(root / "study.json", record, indent=1)
     write_atomic(root / "study.md", text + "\n")
     plot(spec, summary, curves, root / "study.png")

@@ -3,7 +3,8 @@
 A grid of runs, tasks x models x methods x learning rates x seeds. The seeds of one (task, model, method,
 lr) *unit* are the seed replicas of one run (one backbone load, one forward for all seeds; LoRA runs them
 apart), so each seed is an ordinary run folder ``OUT/task/model/method/lr-X/replica-r``. Resumable: a finished
-unit is kept and skipped, an interrupted one continues from its newest checkpoint. Each method's learning rate
+unit is kept and skipped, an interrupted one continues from its newest checkpoint, one trained under another spec
+is refused (or trained again with ``retrain_changed``). Each method's learning rate
 is picked on dev (best mean dev score over seeds), then its test scores are compared with prefix tuning
 (K = 1), paired by seed. Writes ``study.json`` (every run's numbers: the table is rebuilt from it without
 rerunning anything), ``study.md`` (the table) and ``study.png``; prints one JSON object (``--table``: the table).
@@ -16,7 +17,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from dist_subspace.core.config import load_config
+from dist_subspace.core.config import ConfigError, load_config
 from dist_subspace.core.files import read_json
 from dist_subspace.study.fanout import fan_out
 from dist_subspace.study.report import report
@@ -28,6 +29,7 @@ from dist_subspace.study.spec import (
     replica_dirs,
     run_overrides,
 )
+from dist_subspace.study.state import claim, config_changes, describe_claim, read_summary, set_aside, unit_done
 
 # Fallback seconds per replica-run when the study has no timing of its own yet (2-core CPU, one thread,
 # 16 shots, 40 steps, 1,000 test examples): a first guess for --dry-run, replaced by measured times.
@@ -44,16 +46,6 @@ def model_kind(name: str) -> str:
     return arch_spec(AutoConfig.from_pretrained(resolve_model(name))).kind
 
 
-def read_summary(folder: Path) -> dict | None:
-    """A seed run's ``summary.json`` if it is complete (a finished run's test score), else None."""
-    summary = read_json(folder / "summary.json")
-    return summary if isinstance(summary, dict) and "test_final" in summary else None
-
-
-def unit_done(spec: StudySpec, unit: Unit, root: Path) -> bool:
-    return all(read_summary(d) is not None for d in replica_dirs(spec, unit, root))
-
-
 def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
     """Every finished seed's numbers, read back from its run folder."""
     cells = []
@@ -67,6 +59,7 @@ def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
             final = json.loads((folder / "final" / "simplex_config.json").read_text())
             cell = {**asdict(unit), "seed": spec.first_seed + r, "folder": str(folder), "unit_seconds": seconds}
             cell.update(dev=final["dev_score"], test=summary["test_final"], selected_step=summary["selected_step"])
+            cell["metric"] = summary.get("metric")  # the task's (recorded since the spread reads its SD)
             cell["test_initial"] = summary.get("test_initial")
             cell["test_final_ensemble"] = summary.get(f"test_final_ensemble:{spec.ensemble}")
             cell["test_last"] = summary.get("test_last")
@@ -86,17 +79,54 @@ def _clock(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+class StudyFailed(RuntimeError):
+    """Some units failed or are claimed by another process; the report holds the others."""
+
+
+def check_unchanged(spec: StudySpec, units: list[Unit], root: Path, retrain: bool) -> list[str]:
+    """Refuse units trained under configs this spec no longer gives them (a changed ``base``, say), naming the first
+    change; with ``retrain`` move their folders aside instead, to train them again. Returns what was moved."""
+    changed = {unit: changes for unit in units if (changes := config_changes(spec, unit, root))}
+    if changed and not retrain:
+        unit, changes = next(iter(changed.items()))
+        raise ConfigError(
+            f"{len(changed)} unit(s) in {root} were trained under another spec, e.g. {_name(unit)}: "
+            f"{'; '.join(changes[:3])}; rerun with the spec they were trained with, use a new output_dir, or pass "
+            "--retrain-changed to move them aside and train them again"
+        )
+    moved = []
+    for unit, changes in changed.items():
+        with claim(unit.folder(root)) as held:
+            if not held:
+                raise ConfigError(f"{_name(unit)} is training now ({describe_claim(unit.folder(root))}): not moved")
+            moved.append(f"{_name(unit)}: {'; '.join(changes[:3])} -> moved to {set_aside(unit, root)}")
+    return moved
+
+
+def _name(unit: Unit) -> str:
+    return f"{unit.task} {unit.model} {unit.method} lr={unit.lr:g}"
+
+
 def run_study(
-    spec: StudySpec, dry_run: bool = False, stop_after: int | None = None, workers: int = 1, launcher: str = "local"
+    spec: StudySpec,
+    dry_run: bool = False,
+    stop_after: int | None = None,
+    workers: int = 1,
+    launcher: str = "local",
+    retrain_changed: bool = False,
 ) -> dict:
     """Train every unfinished unit (``workers`` at once, through ``launcher``: :mod:`dist_subspace.study.fanout`),
-    then report. Returns the report (see :mod:`dist_subspace.study.report`)."""
+    then report. Returns the report (see :mod:`dist_subspace.study.report`); raises :class:`StudyFailed` after
+    writing it when a unit failed or another process holds one."""
     root = Path(spec.output_dir)
     kinds = {m: model_kind(m) for m in spec.models}
     units = plan_units(spec, kinds)
     for unit in units:  # every run's config is checked before the first one starts
         for run in run_overrides(spec, unit, root):
             load_config(None, as_overrides(run))
+    if not dry_run:
+        for moved in check_unchanged(spec, units, root, retrain_changed):
+            print(f"[study] trained under another spec: {moved}", flush=True)
     todo = [u for u in units if not unit_done(spec, u, root)]
     measured: dict[tuple[str, str], list[float]] = {}
     for cell in collect(spec, units, root):
@@ -108,30 +138,31 @@ def run_study(
     if dry_run:
         for i, unit in enumerate(units, 1):
             state = "done" if unit not in todo else f"~{_clock(estimate_seconds(spec, unit, kinds[unit.model], means))}"
-            print(f"[study] {i:3d} {unit.task} {unit.model} {unit.method} lr={unit.lr:g}: {state}")
+            print(f"[study] {i:3d} {_name(unit)}: {state}")
         return {"units": len(units), "todo": len(todo), "estimated_seconds": left}
     batch = todo if stop_after is None else todo[:stop_after]
     print(f"[study] training {len(batch)} unit(s) through {launcher}, {workers} at a time", flush=True)
-    failed, started = [], time.perf_counter()
+    problems, started = [], time.perf_counter()
     for n, done in enumerate(fan_out(spec, batch, root, workers, launcher), 1):
-        unit, seconds = done["unit"], done["seconds"]
-        name = f"{unit.task} {unit.model} {unit.method} lr={unit.lr:g}"
-        if any(done["codes"]):
-            failed.append(name)
-            log = unit.folder(root) / "train.log"
-            print(f"[study] [{n}/{len(batch)}] {name}: FAILED (exit {max(done['codes'])}), see {log}", flush=True)
+        unit, seconds, status = done["unit"], done["seconds"], done["status"]
+        if status in ("failed", "claimed"):
+            problems.append(f"{_name(unit)}: {status.upper()} ({done['error']})")
+            print(f"[study] [{n}/{len(batch)}] {problems[-1]}", flush=True)
+            continue
+        if status == "done":
+            print(f"[study] [{n}/{len(batch)}] {_name(unit)}: finished by another process", flush=True)
             continue
         tests = [read_summary(d)["test_final"] for d in replica_dirs(spec, unit, root)]
         means[(unit.task, unit.model)] = seconds / spec.seeds  # the newest unit is the best guess for the next
         left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in batch[n:]) / workers
         print(
-            f"[study] [{n}/{len(batch)}] {name}: {_clock(seconds)}, test {sum(tests) / len(tests):.4f} over "
+            f"[study] [{n}/{len(batch)}] {_name(unit)}: {_clock(seconds)}, test {sum(tests) / len(tests):.4f} over "
             f"{len(tests)} seed(s); elapsed {_clock(time.perf_counter() - started)}, ~{_clock(left)} left",
             flush=True,
         )
     if len(batch) < len(todo):
         print(f"[study] stopped after {stop_after} unit(s), as asked; run again to continue", flush=True)
-    result = report(spec, collect(spec, units, root), root, kinds)
-    if failed:
-        raise RuntimeError(f"{len(failed)} unit(s) failed: {'; '.join(failed)} (their train.log says why)")
+    result = report(spec, collect(spec, units, root), root, kinds, problems)
+    if problems:
+        raise StudyFailed(f"{len(problems)} unit(s) not trained: {'; '.join(problems)}")
     return result

@@ -74,6 +74,19 @@ class StudySpec:
                 raise ConfigError(f"task_overrides names {task!r}, which is not among tasks {self.tasks}")
         if self.seeds < 1 or not self.lrs or not self.tasks or not self.models:
             raise ConfigError("a study needs seeds >= 1 and at least one task, model and learning rate")
+        for key in ("tasks", "models", "methods"):
+            _refuse_repeats(key, [_slug(v) if key != "methods" else v for v in getattr(self, key)])
+        for key in ("lrs", "lora_lrs"):  # a rate names its folder (lr-0.01): two that print alike are one unit
+            _refuse_repeats(key, [f"{lr:g}" for lr in getattr(self, key)])
+
+
+def _refuse_repeats(key: str, names: list[str]) -> None:
+    """Two grid entries that name one unit folder would train it twice at once and count its cells twice."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ConfigError(f"study {key} names {name!r} twice (one unit folder); list each {key[:-1]} once")
+        seen.add(name)
 
 
 @dataclass(frozen=True)

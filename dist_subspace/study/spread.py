@@ -28,17 +28,16 @@ def metrics_rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def run_spread(folder: Path) -> dict[str, float]:
-    """One seed's numbers (those its run folder has)."""
+def run_spread(folder: Path, metric: str | None) -> dict[str, float]:
+    """One seed's numbers (those its run folder has); ``metric``: the task's metric, whose sampled SD is read (None
+    for a run that did not record it: no SD then, rather than another metric's)."""
     rows, out = metrics_rows(folder), {}
     train = [r for r in rows if r["split"] == "train" and "cos2" in r]
     if train:
         out["cos2"], out["cos2_centred"] = train[-1]["cos2"], train[-1]["cos2_centred"]
     sampled = [r for r in rows if r["split"] == "dev" and str(r.get("mode", "")).startswith("sampled:")]
-    if sampled:
-        sds = [v for k, v in sampled[-1].items() if k.endswith("_std") and isinstance(v, (int, float))]
-        if sds:
-            out["sampled_dev_sd"] = sds[0]
+    if sampled and isinstance(sampled[-1].get(f"{metric}_std"), (int, float)):
+        out["sampled_dev_sd"] = sampled[-1][f"{metric}_std"]
     landscape = read_json(folder / "landscape.json")
     if isinstance(landscape, dict) and landscape.get("values"):
         out["landscape_range"] = max(landscape["values"]) - min(landscape["values"])
@@ -64,7 +63,7 @@ def simplex_spread(cells: list[dict], chosen: dict[tuple[str, str, str], float])
     for c in cells:
         if chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
             continue
-        numbers = {"selected_step": c["selected_step"], **run_spread(Path(c["folder"]))}
+        numbers = {"selected_step": c["selected_step"], **run_spread(Path(c["folder"]), c.get("metric"))}
         groups.setdefault(f"{c['model']} {c['task']} {c['method']}", []).append(numbers)
     spread = {}
     for key, seeds in groups.items():

@@ -2,17 +2,19 @@
 
 import json
 import math
+import re
 import shutil
 import statistics
 from pathlib import Path
 
 import pytest
 
-from dist_subspace.core.config import load_config
+from dist_subspace.core.config import ConfigError, load_config
 from dist_subspace.study.__main__ import main as study_main
 from dist_subspace.study.fanout import source_commit
 from dist_subspace.study.report import rebuild, select_lrs
-from dist_subspace.study.spec import StudySpec, Unit, as_overrides, run_overrides
+from dist_subspace.study.spec import StudySpec, Unit, as_overrides, load_spec, run_overrides
+from dist_subspace.study.spread import run_spread
 from dist_subspace.study.stats import holm, paired, sign_flip_test
 
 pytestmark = pytest.mark.slow
@@ -83,6 +85,14 @@ def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_ass
     sampled = next(c for c in record["cells"] if c["method"] == "k3_sampled")
     config = load_config(Path(sampled["folder"]) / "config.yaml")
     assert config.eval.select_by == "sampled:2" and config.eval.extra_test_modes == ["ensemble:2"]
+    for cell in record["cells"]:  # each run's selected step is its best dev row under its own rule (first on ties)
+        rule = "sampled:2" if cell["method"] == "k3_sampled" else "centroid"
+        rows = [json.loads(line) for line in (Path(cell["folder"]) / "metrics.jsonl").read_text().splitlines()]
+        dev = [r for r in rows if r["split"] == "dev" and r["mode"] == rule]
+        assert (
+            len(dev) == 2 and cell["selected_step"] == max(dev, key=lambda r: (r[cell["metric"]], -r["step"]))["step"]
+        )
+        assert cell["dev"] == max(r[cell["metric"]] for r in dev)
     for config in whole.rglob("replica-0/config.yaml"):  # every run got the template as written
         assert load_config(config).data.template == TEMPLATE
 
@@ -171,8 +181,6 @@ def test_bad_study_specs_are_refused(tmp_path, capsys):
 def test_centre_gap_reads_the_centroid_against_the_corners_of_a_landscape_grid(tmp_path):
     """A landscape as the trainer writes it (resolution 4 plus the centroid last): the gap is the centroid's metric
     minus the vertices' mean, and the range spans the whole grid."""
-    from dist_subspace.study.spread import run_spread
-
     points = [[i / 4, j / 4, (4 - i - j) / 4] for i in range(5) for j in range(5 - i)] + [[1 / 3] * 3]
     values = [0.5] * len(points)
     for p_i, p in enumerate(points):
@@ -180,7 +188,7 @@ def test_centre_gap_reads_the_centroid_against_the_corners_of_a_landscape_grid(t
             values[p_i] = {0: 0.6, 1: 0.7, 2: 0.8}[p.index(1.0)]
     values[-1] = 0.9
     (tmp_path / "landscape.json").write_text(json.dumps({"points": points, "values": values, "metric": "accuracy"}))
-    out = run_spread(tmp_path)
+    out = run_spread(tmp_path, "accuracy")
     assert out["centre_gap"] == pytest.approx(0.9 - 0.7)
     assert out["landscape_range"] == pytest.approx(0.9 - 0.5)
 
@@ -199,3 +207,103 @@ def test_compare_pairs_any_two_methods_derived_ones_included():
     text = compare(spec, cells, "k3_last", "k1_last")
     assert "k3_last − k1_last" in text and "(2/3)" in text and "+1.7 [" in text  # mean of 2, 0, 3 points
     assert "+0.0 [+0.0, +0.0] (0/3) | +0.0 (p=1.000, 1 task)" in compare(spec, cells, "k3", "k1")  # 0.5 against 0.5
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "named"),
+    [
+        ("lrs", [0.01, 0.01], "0.01"),
+        ("lrs", [0.01, 0.0100000001], "0.01"),  # two rates that print alike name one folder, lr-0.01
+        ("lora_lrs", [0.001, 0.001], "0.001"),
+        ("methods", ["k1", "k3", "k1"], "k1"),
+        ("tasks", ["rotten_tomatoes", "rotten_tomatoes/"], "rotten_tomatoes"),
+        ("models", ["m", "m"], "m"),
+    ],
+)
+def test_a_grid_entry_named_twice_is_refused_in_one_line(key, values, named):
+    with pytest.raises(ConfigError, match=f"study {key} names '{re.escape(named)}' twice"):
+        StudySpec(**{"tasks": ["rotten_tomatoes"], "models": ["m"], "methods": ["k1", "k3"], key: values})
+
+
+def test_the_sampled_dev_sd_is_the_tasks_metric_not_the_first_sd_found(tmp_path):
+    row = {"step": 4, "split": "dev", "mode": "sampled:8", "accuracy": 0.7, "accuracy_std": 0.01, "f1": 0.6}
+    row["f1_std"] = 0.05
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    assert run_spread(tmp_path, "f1")["sampled_dev_sd"] == 0.05
+    assert run_spread(tmp_path, "accuracy")["sampled_dev_sd"] == 0.01
+    assert "sampled_dev_sd" not in run_spread(tmp_path, None)  # unknown metric: no SD rather than another's
+
+
+def _small_study(tmp_path, small_assets, out, methods=("k1", "k3"), **base) -> list[str]:
+    model_dir, data = small_assets
+    spec = {
+        "output_dir": str(out),
+        "tasks": [str(data)],
+        "models": [str(model_dir)],
+        "methods": list(methods),
+        "seeds": 1,
+        "lrs": [0.01],
+        "base": {
+            "data.shots_per_class": 4,
+            "data.test_size": 10,
+            "train.max_steps": 2,
+            "train.micro_batch_size": 4,
+            "train.eval_every": 2,
+            "train.save_every": 2,
+            "eval.landscape": False,
+            **base,
+        },
+    }
+    path = tmp_path / f"{out.name}.yaml"
+    path.write_text(json.dumps(spec))
+    return [str(path)]
+
+
+@pytest.mark.parametrize("launcher", ["local", "submitit-local"])
+def test_a_failed_unit_is_reported_and_the_others_cells_stay(small_assets, tmp_path, capsys, launcher):
+    """One unit cannot even start (its folder is taken by a file): through threads or through a submitit job that
+    raises, it is reported failed in study.md and in the exit status, and the other unit's cells are reported."""
+    out = tmp_path / "study"
+    args = _small_study(tmp_path, small_assets, out)
+    spec = load_spec(args[0], [])
+    k1 = Unit(spec.tasks[0], spec.models[0], "k1", 0.01).folder(out)
+    k1.parent.parent.mkdir(parents=True)
+    k1.parent.write_text("not a folder")  # OUT/task/model/k1 is a file
+    assert study_main([*args, "--launcher", launcher, "--workers", "2"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 unit(s) not trained:") and "k1 lr=0.01: FAILED" in err
+    record = json.loads((out / "study.json").read_text())
+    assert {c["method"] for c in record["cells"]} == {"k3"} and len(record["problems"]) == 1
+    assert "FAILED" in (out / "study.md").read_text()
+    assert record["table"][spec.models[0]]["k3"][spec.tasks[0]]["n"] == 1
+
+
+def test_a_claimed_unit_is_not_trained_again_and_a_changed_spec_is_refused(small_assets, tmp_path, capsys):
+    """A unit held by a live process (its claim's lock) is left alone: reported, exit 1, nothing written into it.
+    Once trained, a rerun whose base differs is refused in one line naming the change, and --retrain-changed
+    moves the old folder aside and trains it again."""
+    from dist_subspace.study.state import claim
+
+    out = tmp_path / "study"
+    args = _small_study(tmp_path, small_assets, out, methods=("k1",))
+    spec = load_spec(args[0], [])
+    folder = Unit(spec.tasks[0], spec.models[0], "k1", 0.01).folder(out)
+    with claim(folder) as held:
+        assert held
+        assert study_main(args) == 1
+        assert "CLAIMED (claimed by pid" in capsys.readouterr().err
+        assert sorted(p.name for p in folder.iterdir()) == [".claim.lock", "claim.json"]
+    assert study_main(args) == 0
+    capsys.readouterr()
+    summary = (folder / "summary.json").read_text()
+    changed = _small_study(tmp_path, small_assets, out, methods=("k1",), **{"train.max_steps": 4})
+    assert study_main(changed) == 2
+    err = capsys.readouterr().err
+    assert "1 unit(s)" in err and "train.max_steps: 2 -> 4" in err and "--retrain-changed" in err
+    assert (folder / "summary.json").read_text() == summary  # refused: nothing touched
+    assert study_main([*changed, "--retrain-changed"]) == 0
+    assert "moved to" in capsys.readouterr().out
+    assert load_config(folder / "config.yaml").train.max_steps == 4
+    assert max(json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()) == 4
+    (old,) = (out / "replaced").rglob("summary.json")
+    assert old.read_text() == summary
