@@ -1,5 +1,6 @@
 """The trainer in one process on a small real model: the run-folder contract, resume, export, config errors."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -135,7 +136,7 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_trajectory_aside_and_ap
     assert main(run_args(model_dir, data, out, "simplex.vertices=3", "eval.landscape=false", *args)) == 0
     printed = capsys.readouterr().out
     (aside,) = (out / "abandoned").iterdir()
-    assert f"resuming at step 6: set aside step-12 and {sum(r['step'] > 6 for r in old_rows)} metrics row" in printed
+    assert f"resuming at step 6: set aside step-12, {sum(r['step'] > 6 for r in old_rows)} metrics row" in printed
     assert "train.lr changed on resume: 0.01 -> 0.02, applied from step 7" in printed
     old12 = load_file(str(finished_run / "checkpoints/step-12/simplex.safetensors"))
     torch.testing.assert_close(load_file(str(aside / "step-12/simplex.safetensors")), old12, rtol=0, atol=0)
@@ -150,6 +151,96 @@ def test_resuming_an_older_checkpoint_sets_the_abandoned_trajectory_aside_and_ap
     lr = {r["step"]: r["lr"] for r in rows if r["split"] == "train"}
     old_lr = {r["step"]: r["lr"] for r in old_rows if r["split"] == "train"}
     assert lr[6] == old_lr[6] and lr[8] == pytest.approx(2 * old_lr[8]) and lr[12] == pytest.approx(2 * old_lr[12])
+
+
+def test_a_resumed_run_that_dies_leaves_no_final_of_the_abandoned_trajectory(
+    finished_run, small_assets, tmp_path, monkeypatch, capsys
+):
+    """Resume a finished run at step 6, and the resumed run dies at step 8: the old final/, summary and landscape
+    moved aside with the abandoned trajectory, so evaluate refuses the folder instead of scoring the abandoned
+    run's final/ as if it were this one's."""
+    from dist_subspace.evaluate import main as evaluate_main
+    from dist_subspace.training.guards import RunStopped
+    from dist_subspace.training.recipe import Recipe
+
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    train_step = Recipe.train_step
+
+    def dies_at_step_8(self):
+        if self.step == 7:
+            raise RunStopped("killed at step 8")
+        return train_step(self)
+
+    monkeypatch.setattr(Recipe, "train_step", dies_at_step_8)
+    args = [f"train.resume={out / 'checkpoints/step-6'}", "simplex.vertices=3"]
+    assert main(run_args(model_dir, data, out, *args)) == 1
+    assert "final, summary.json, landscape.json, landscape.png" in capsys.readouterr().out
+    assert not (out / "final").exists() and not (out / "summary.json").exists()
+    (aside,) = (out / "abandoned").iterdir()
+    assert (aside / "summary.json").read_text() == (finished_run / "summary.json").read_text()
+    final = load_file(str(finished_run / "final/simplex.safetensors"))
+    torch.testing.assert_close(load_file(str(aside / "final/simplex.safetensors")), final, rtol=0, atol=0)
+    assert evaluate_main([str(out)]) == 2
+    assert "final/simplex.safetensors not found" in capsys.readouterr().err
+
+
+def test_every_selection_rule_keeps_its_own_best_from_one_training(small_assets, tmp_path):
+    """select_by=centroid with also_select_by=[sampled:2]: final/ holds the centroid's pick, final_by/sampled-2/ the
+    sampled metric's, each the best dev row of its own rule; both are scored on test, and a resume keeps both."""
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    extra = ("simplex.vertices=3", "eval.also_select_by=[sampled:2]", "eval.landscape=false", "train.eval_every=3")
+    assert main(run_args(model_dir, data, out, *extra)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for rule, suffix, folder in (("centroid", "", "final"), ("sampled:2", "@sampled:2", "final_by/sampled-2")):
+        dev = [r for r in rows if r["split"] == "dev" and r["mode"] == rule]
+        best = max(dev, key=lambda r: (r["accuracy"], -r["step"]))
+        assert len(dev) == 4 and summary[f"selected_step{suffix}"] == best["step"]
+        config = json.loads((out / folder / "simplex_config.json").read_text())
+        assert config["selected_by"] == rule and config["dev_score"] == best["accuracy"]
+        assert 0 <= summary[f"test_final{suffix}"] <= 1
+    assert summary["dev@sampled:2"] == max(r["accuracy"] for r in rows if r.get("mode") == "sampled:2")
+    state = json.loads((out / "checkpoints/step-12/trainer_state.json").read_text())
+    assert list(state["best"]["by"]) == ["centroid", "sampled:2"]
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    (again / "summary.json").unlink()
+    assert main(run_args(model_dir, data, again, *extra, "train.resume=auto")) == 0
+    assert json.loads((again / "summary.json").read_text()) == summary
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["eval.select_by=sampled:2"], ["eval.also_select_by=[sampled:2]"]],
+    ids=["another select_by", "a new also_select_by"],
+)
+def test_a_resume_under_a_selection_rule_the_checkpoint_did_not_keep_is_refused(
+    finished_run, small_assets, tmp_path, capsys, args
+):
+    """The finished run kept its best by the centroid: resuming it selecting by sampled:2 would judge only the steps
+    after the checkpoint and name the centroid's pick sampled:2. Refused in one line, before anything loads; the
+    same for a checkpoint written before rules were recorded (its run's config.yaml names its rule)."""
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    resume = [f"train.resume={out / 'checkpoints/step-6'}", "simplex.vertices=3", *args]
+    assert main(run_args(model_dir, data, out, *resume)) == 2
+    err = capsys.readouterr().err
+    assert "kept its best dev simplex by centroid, not by sampled:2" in err and len(err.splitlines()) == 1
+    state_path = out / "checkpoints/step-6/trainer_state.json"
+    state = json.loads(state_path.read_text())
+    state["best"] = state["best"]["by"]["centroid"]  # the format before rules were recorded
+    state_path.write_text(json.dumps(state))
+    from dist_subspace.training.checkpoint import CHECKSUMS
+
+    sums = json.loads((state_path.parent / CHECKSUMS).read_text())
+    sums["trainer_state.json"] = hashlib.sha256(state_path.read_bytes()).hexdigest()
+    (state_path.parent / CHECKSUMS).write_text(json.dumps(sums))
+    assert main(run_args(model_dir, data, out, *resume)) == 2
+    assert "kept its best dev simplex by centroid" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,10 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     mode: str = "centroid"  # how dev/test are scored: centroid | vertex:I | ensemble:S | sampled:S | models:S
-    select_by: str = "centroid"  # which dev score picks the best checkpoint (same syntax as mode)
+    select_by: str = "centroid"  # which dev score picks the best checkpoint, final/ (same syntax as mode)
+    # more rules, each keeping its own best from the same training: scored on test at the end (summary.json's
+    # test_final@RULE) and saved as final_by/RULE/ (e.g. [sampled:8] beside select_by=centroid)
+    also_select_by: list[str] = field(default_factory=list)
     landscape: bool = True  # write landscape.png (dev metric over the simplex) at the end
     landscape_resolution: int = 6  # grid step 1/6 on the triangle: 28 points, centroid included
     landscape_examples: int = -1  # dev examples the landscape scores: -1 all (64 for models over 1B), 0 all, or a cap
@@ -193,11 +196,17 @@ class EvalConfig:
     extra_test_modes: list[str] = field(default_factory=list)  # more modes to score test in at the end
     test_last: bool = False  # also score test with the last step's simplex (no dev selection), in eval.mode
 
+    def selection_rules(self) -> list[str]:
+        """The rules that keep a best checkpoint: ``select_by`` (final/) first, then ``also_select_by``."""
+        return list(dict.fromkeys([self.select_by, *self.also_select_by]))
+
     def __post_init__(self) -> None:
         for key in ("mode", "select_by"):
             check_eval_mode(getattr(self, key), f"eval.{key}")
         for i, mode in enumerate(self.extra_test_modes):
             check_eval_mode(mode, f"eval.extra_test_modes[{i}]")
+        for i, mode in enumerate(self.also_select_by):
+            check_eval_mode(mode, f"eval.also_select_by[{i}]")
         _positive("eval.landscape_resolution", self.landscape_resolution)
         if self.landscape_examples < -1:
             raise ConfigError(f"eval.landscape_examples must be -1, 0 or a count (got {self.landscape_examples})")
@@ -231,6 +240,7 @@ class Config:
             raise ConfigError("model.adapter=lora uses no prefix: set simplex.vertices=1")
         modes = {"mode": self.eval.mode, "select_by": self.eval.select_by}
         modes.update({f"extra_test_modes[{i}]": m for i, m in enumerate(self.eval.extra_test_modes)})
+        modes.update({f"also_select_by[{i}]": m for i, m in enumerate(self.eval.also_select_by)})
         for key, mode in modes.items():  # checks across sections
             kind, index = check_eval_mode(mode)
             if kind == "vertex" and index >= self.simplex.vertices:

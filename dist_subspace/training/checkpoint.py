@@ -267,15 +267,17 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler,
     step: int,
-    best: dict,
+    best: dict[str, dict],
     summaries: list[dict] | None = None,
 ) -> None:
     """Write ``folder`` (``.../checkpoints/step-N``) atomically. Call on one rank.
 
     ``summaries``: what each replica's ``summary.json`` holds so far (the initial test score), JSON values.
 
-    ``best``: per replica, the best dev ``scores`` so far and their ``steps``, and ``tensors``: the simplex
-    in which each replica's rows hold its best-so-far (or None before the first dev score).
+    ``best``: per selection rule (``eval.select_by``, ``eval.also_select_by``: ``centroid``, ``sampled:8``, ...), per
+    replica, the best dev ``scores`` so far and their ``steps``, and ``tensors``: the simplex in which each replica's
+    rows hold its best-so-far under that rule (or None before the first dev score). The rules are recorded, so that
+    a resume under another rule is refused instead of keeping this rule's choice under the other's name.
     """
     tmp = _atomic_dir(folder)
     save_file(simplex_tensors(model), str(tmp / "simplex.safetensors"))
@@ -288,14 +290,17 @@ def save_checkpoint(
             else:
                 scalars[f"{index}.{key}"] = float(value)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
-    if best["tensors"] is not None:
-        save_file(best["tensors"], str(tmp / "best_simplex.safetensors"))
+    kept = {
+        f"{rule}|{name}": t for rule, b in best.items() if b["tensors"] is not None for name, t in b["tensors"].items()
+    }
+    if kept:
+        save_file(kept, str(tmp / "best_simplex.safetensors"))
     trainer_state = {
         "format": FORMAT_VERSION,
         "step": step,
         "optimizer": {"param_groups": state["param_groups"], "scalars": scalars},
         "scheduler": scheduler.state_dict(),
-        "best": {"scores": best["scores"], "steps": best["steps"]},
+        "best": {"by": {rule: {"scores": b["scores"], "steps": b["steps"]} for rule, b in best.items()}},
         "summaries": summaries or [],
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
@@ -305,17 +310,44 @@ def save_checkpoint(
 RESUME_HINT = "delete that checkpoint folder to resume from the one before, or pass train.resume=<an older step-N>"
 
 
-def read_checkpoint(folder: Path) -> dict:
+def checkpoint_rules(folder: Path) -> list[str] | None:
+    """The selection rules whose best a checkpoint keeps (None: a checkpoint from before rules were recorded, which
+    kept one best, under its run's ``eval.select_by``)."""
+    best = json.loads((folder / "trainer_state.json").read_text()).get("best", {})
+    return list(best["by"]) if "by" in best else None
+
+
+def checkpoint_legacy_rule(folder: Path) -> str:
+    """The rule a checkpoint from before rules were recorded kept its best by: its run's ``eval.select_by`` (the run
+    folder's ``config.yaml``, written by the run that saved it), else ``centroid`` (the default)."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((Path(folder).parent.parent / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return "centroid"
+    return str((saved.get("eval") or {}).get("select_by") or "centroid")
+
+
+def read_checkpoint(folder: Path, legacy_rule: str = "centroid") -> dict:
     """Everything in a checkpoint folder as plain data (CPU tensors, JSON values): ``simplex``, ``optimizer``
     (tensors), the trainer state's keys (``step``, ``optimizer`` scalars and groups, ``scheduler``) and ``best``
-    (``scores``, ``steps``, ``tensors``). Read on one rank, sent to the others (node-local disks). A missing,
-    truncated or corrupt file is refused in one line (:class:`CheckpointError`)."""
+    (per rule: ``scores``, ``steps``, ``tensors``; a checkpoint from before rules were recorded keeps its one best
+    under ``legacy_rule``). Read on one rank, sent to the others (node-local disks). A missing, truncated or corrupt
+    file is refused in one line (:class:`CheckpointError`)."""
     verify_folder(folder, ("simplex.safetensors", "optimizer.safetensors", "trainer_state.json"), RESUME_HINT)
     state = json.loads((folder / "trainer_state.json").read_text())
     state["simplex"] = read_tensors(folder / "simplex.safetensors", RESUME_HINT)
     state["optimizer_tensors"] = read_tensors(folder / "optimizer.safetensors", RESUME_HINT)
-    best = folder / "best_simplex.safetensors"
-    state["best"]["tensors"] = read_tensors(best, RESUME_HINT) if best.exists() else None
+    path = folder / "best_simplex.safetensors"
+    kept = read_tensors(path, RESUME_HINT) if path.exists() else {}
+    if "by" not in state["best"]:  # one best, names without a rule
+        state["best"] = {"by": {legacy_rule: {**state["best"], "tensors": None}}}
+        kept = {f"{legacy_rule}|{name}": t for name, t in kept.items()}
+    best = state["best"] = state["best"]["by"]
+    for rule in best:
+        tensors = {name.partition("|")[2]: t for name, t in kept.items() if name.partition("|")[0] == rule}
+        best[rule]["tensors"] = tensors or None
     return state
 
 

@@ -24,46 +24,46 @@ class FinishStage:
     (cfg, model, engine, splits, best, summaries, dirs, ...)."""
 
     def finish(self) -> list[dict]:
-        """Load each replica's best dev simplex, score it on test, write its ``final/``, summary and landscape."""
+        """Score each replica's best dev simplex on test and write its ``final/``, summary and landscape; the same
+        for each further selection rule (``eval.also_select_by``): ``test_final@RULE`` and ``final_by/RULE/``."""
         cfg, metric = self.cfg, self.task.metric
         if cfg.eval.test_last:  # the control for selection: the simplex as training left it
-            selected_last = all(s == self.step for s in self.best["steps"])
+            selected_last = all(s == self.step for best in self.best.values() for s in best["steps"])
             lasts = self.validate("test", record=False) if not selected_last else None
             for summary, last in zip(self.summaries, lasts or [None] * self.replicas, strict=True):
                 summary["test_last"] = last[metric] if last is not None else None  # None: filled in below
-        if self.best["tensors"] is not None:
-            load_simplex_tensors(self.model, self.best["tensors"])
-        finals = self.validate("test")
-        for mode in cfg.eval.extra_test_modes:
-            for summary, result in zip(self.summaries, self.validate("test", mode), strict=True):
-                summary[f"test_final_{mode}"] = result[metric]
-        for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
-            steps = self.best["steps"][r]
-            summary.update(test_final=final[metric], selected_step=steps, mode=cfg.eval.mode, replica=r)
-            if cfg.eval.test_last and summary["test_last"] is None:  # every replica selected the last step
-                summary["test_last"] = final[metric]
+        # The further rules first, the primary last: the model then holds final/'s simplex (for the landscape).
+        for rule in [*self.rules[1:], self.rules[0]]:
+            primary = rule == self.rules[0]
+            best = self.best[rule]
+            if best["tensors"] is not None:
+                load_simplex_tensors(self.model, best["tensors"])
+            suffix = "" if primary else f"@{rule}"
+            finals = self.validate("test", record=primary)
+            for mode in cfg.eval.extra_test_modes:
+                for summary, result in zip(self.summaries, self.validate("test", mode, record=False), strict=True):
+                    summary[f"test_final_{mode}{suffix}"] = result[metric]
+            for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
+                summary[f"test_final{suffix}"] = final[metric]
+                summary[f"selected_step{suffix}"] = best["steps"][r]
+                if not primary:
+                    summary[f"dev{suffix}"] = best["scores"][r]
+                elif cfg.eval.test_last and summary["test_last"] is None:  # every replica selected the last step
+                    summary["test_last"] = final[metric]
+            self.log(
+                f"test {metric} after training ({cfg.eval.mode}, selected by {rule}): "
+                f"{format_values(self.summaries, f'test_final{suffix}')}"
+            )
+            self._save_finals(rule, "final" if primary else f"final_by/{rule_folder(rule)}")
+        for r, summary in enumerate(self.summaries):
+            summary.update(metric=metric, mode=cfg.eval.mode, replica=r)
         if cfg.eval.test_last:
             lasts = format_values(self.summaries, "test_last")
             self.log(f"test {metric} at the last step ({cfg.eval.mode}, no selection): {lasts}")
-        finals_line = format_values(self.summaries, "test_final")
-        self.log(f"test {metric} after training ({cfg.eval.mode}, dev-selected): {finals_line}")
-        with stop_if_write_fails(self.engine, [d / "final" for d in self.dirs], self.out):  # the checkpoints stay
-            if self.engine.is_main:
-                tensors = simplex_tensors(self.model)
-                for r, summary in enumerate(self.summaries):
-                    info = {
-                        "model": cfg.model.name_or_path,
-                        "sampling": cfg.simplex.sampling,
-                        "task": self.task.name,
-                        "selected_step": self.best["steps"][r],
-                        "selected_by": cfg.eval.select_by,
-                        "dev_score": self.best["scores"][r],
-                        "seed": cfg.train.seed + r,
-                        "data_seed": cfg.data.seed + r,
-                    }
-                    tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
-                    save_final(self.dirs[r] / "final", self.model, info, tensors_r, self._card(r, summary))
-                    write_json(self.dirs[r] / "summary.json", summary, indent=2)
+        with stop_if_write_fails(self.engine, [d / "summary.json" for d in self.dirs], self.out):
+            if self.engine.is_main:  # last: a summary means the run is done (the study reads it so)
+                for folder, summary in zip(self.dirs, self.summaries, strict=True):
+                    write_json(folder / "summary.json", summary, indent=2)
         write_rank_facts(self.model, self.engine, self.out)
         if self.trace:
             save_file(self.trace, str(self.out / "ranks" / f"trace-rank-{self.engine.rank}.safetensors"))
@@ -72,15 +72,36 @@ class FinishStage:
         self.engine.barrier()
         return self.summaries
 
-    def _card(self, r: int, summary: dict) -> str:
-        """Replica ``r``'s model card (``final/README.md``)."""
+    def _save_finals(self, rule: str, name: str) -> None:
+        """Each replica's simplex as the model holds it now (``rule``'s best) into ``REPLICA/name/``."""
+        cfg = self.cfg
+        with stop_if_write_fails(self.engine, [d / name for d in self.dirs], self.out):  # the checkpoints stay
+            if self.engine.is_main:
+                tensors = simplex_tensors(self.model)
+                for r, summary in enumerate(self.summaries):
+                    info = {
+                        "model": cfg.model.name_or_path,
+                        "sampling": cfg.simplex.sampling,
+                        "task": self.task.name,
+                        "selected_step": self.best[rule]["steps"][r],
+                        "selected_by": rule,
+                        "dev_score": self.best[rule]["scores"][r],
+                        "seed": cfg.train.seed + r,
+                        "data_seed": cfg.data.seed + r,
+                    }
+                    tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
+                    card = self._card(r, summary, rule) if name == "final" else None
+                    save_final(self.dirs[r] / name, self.model, info, tensors_r, card)
+
+    def _card(self, r: int, summary: dict, rule: str) -> str:
+        """Replica ``r``'s model card (``final/README.md``), its simplex selected by ``rule``."""
         facts = CardFacts(
             run_dir=str(self.dirs[r]),
             kind=self.model.spec.kind,
             num_layers=self.model.geometry.num_layers,
             splits=self.splits[r],
             summary=summary,
-            dev_score=self.best["scores"][r],
+            dev_score=self.best[rule]["scores"][r],
             command=self.command,
             world_size=self.engine.world_size,
             replica=r if self.replicas > 1 else None,
@@ -112,3 +133,8 @@ class FinishStage:
 def format_values(summaries: list[dict], key: str) -> str:
     """Each replica's ``key`` for the log: ``0.8160, 0.7950``."""
     return ", ".join(f"{s[key]:.4f}" for s in summaries)
+
+
+def rule_folder(rule: str) -> str:
+    """A selection rule as a folder name: ``sampled:8`` -> ``sampled-8``."""
+    return rule.replace(":", "-")

@@ -126,6 +126,23 @@ def check_resume(cfg: Config) -> None:
         check_same_run(cfg, folder.parent.parent, f"the run of train.resume={choice!r}")
     if folder is not None:
         check_checkpoint(cfg, folder)
+        check_selection_rules(cfg, folder)
+
+
+def check_selection_rules(cfg: Config, folder: Path) -> None:
+    """A checkpoint keeps the best dev simplex of each rule it was trained with: a resume under a rule it did not keep
+    (another ``eval.select_by``, a new ``eval.also_select_by``) would judge only the steps after it, and name the old
+    rule's choice after the new one. Refused, before anything loads."""
+    from dist_subspace.training.checkpoint import checkpoint_legacy_rule, checkpoint_rules
+
+    kept = checkpoint_rules(folder) or [checkpoint_legacy_rule(folder)]
+    missing = [rule for rule in cfg.eval.selection_rules() if rule not in kept]
+    if missing:
+        raise ConfigError(
+            f"checkpoint {folder} kept its best dev simplex by {', '.join(kept)}, not by {', '.join(missing)} (the "
+            f"steps before it were never judged so); resume with eval.select_by={kept[0]} and eval.also_select_by "
+            f"among {kept[1:]}, or start a new run"
+        )
 
 
 def check_model_folder(name_or_path: str, trust_remote_code: bool) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from dist_subspace.core import attention, simplex
-from dist_subspace.core.config import Config
+from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.data.batching import truncation_report
 from dist_subspace.evaluation.metrics import task_loss
 from dist_subspace.evaluation.scoring import evaluate_replicas
@@ -27,6 +27,7 @@ from dist_subspace.training.assembly import build, initialise, replica_dir
 from dist_subspace.training.card import training_command
 from dist_subspace.training.checkpoint import (
     apply_checkpoint,
+    checkpoint_legacy_rule,
     latest_checkpoint,
     prune_checkpoints,
     put_replica,
@@ -74,7 +75,11 @@ class Recipe(FinishStage):
         )
         self.step = 0
         self.trace: dict[str, torch.Tensor] = {}
-        self.best: dict = {"scores": [None] * r, "steps": [None] * r, "tensors": None}
+        # Per selection rule (eval.select_by first), per replica: the best dev score so far, its step and simplex.
+        self.rules = cfg.eval.selection_rules()
+        self.best: dict[str, dict] = {
+            rule: {"scores": [None] * r, "steps": [None] * r, "tensors": None} for rule in self.rules
+        }
         self.summaries: list[dict] = [{} for _ in range(r)]
         self.guard = NonFiniteGuard(cfg.train.skip_nonfinite, cfg.train.max_nonfinite_in_row)
         self.sampler = simplex.sample_alpha
@@ -96,12 +101,17 @@ class Recipe(FinishStage):
         choice, state, folder = self.cfg.train.resume, None, None
         if self.engine.is_main and choice != "none":
             folder = latest_checkpoint(self.out) if choice == "auto" else Path(choice)
-            state = read_checkpoint(folder) if folder is not None else None
+            state = read_checkpoint(folder, checkpoint_legacy_rule(folder)) if folder is not None else None
         state = self.engine.broadcast_object(state)
         if state is None:
             return
         apply_checkpoint(state, self.model, self.optimizer, self.scheduler)
-        self.step, self.best = state["step"], state["best"]
+        missing = [rule for rule in self.rules if rule not in state["best"]]
+        if missing:  # preflight refuses this before anything loads; a checkpoint changed since is refused here
+            raise ConfigError(
+                f"the checkpoint kept no best under {missing}; resume with its rules {list(state['best'])}"
+            )
+        self.step, self.best = state["step"], {rule: state["best"][rule] for rule in self.rules}
         saved_lr, lr = self.scheduler.base_lrs[0], self.cfg.train.lr
         if saved_lr != lr:  # the checkpoint's optimizer and scheduler carry the old rate: the config's wins
             sched = self.scheduler
@@ -266,18 +276,21 @@ class Recipe(FinishStage):
         return results
 
     def _select(self, last_dev: list[dict]) -> None:
-        """Per replica, keep its best dev simplex so far (``eval.select_by``) in memory (tiny)."""
-        mode, metric, k = self.cfg.eval.select_by, self.task.metric, self.cfg.simplex.vertices
-        results = self.validate("dev", mode) if mode != self.cfg.eval.mode else last_dev
+        """Per selection rule, per replica, keep its best dev simplex so far in memory (tiny). Each rule's dev score
+        is logged as a dev row in its mode (a mode scored once however many rules share it)."""
+        metric, k = self.task.metric, self.cfg.simplex.vertices
+        scored = {self.cfg.eval.mode: last_dev}
         current = None
-        for r, result in enumerate(results):
-            best = self.best["scores"][r]
-            if best is None or result[metric] > best:
-                current = simplex_tensors(self.model) if current is None else current
-                if self.best["tensors"] is None:
-                    self.best["tensors"] = {n: t.clone() for n, t in current.items()}
-                put_replica(self.best["tensors"], replica_slice(current, r, k), r, k)
-                self.best["scores"][r], self.best["steps"][r] = result[metric], self.step
+        for rule, best in self.best.items():
+            if rule not in scored:
+                scored[rule] = self.validate("dev", rule)
+            for r, result in enumerate(scored[rule]):
+                if best["scores"][r] is None or result[metric] > best["scores"][r]:
+                    current = simplex_tensors(self.model) if current is None else current
+                    if best["tensors"] is None:
+                        best["tensors"] = {n: t.clone() for n, t in current.items()}
+                    put_replica(best["tensors"], replica_slice(current, r, k), r, k)
+                    best["scores"][r], best["steps"][r] = result[metric], self.step
 
     def save(self) -> None:
         folder = self.out / "checkpoints" / f"step-{self.step}"
@@ -286,7 +299,8 @@ class Recipe(FinishStage):
                 save_checkpoint(
                     folder, self.model, self.optimizer, self.scheduler, self.step, self.best, self.summaries
                 )
-                prune_checkpoints(self.out, self.cfg.train.keep_checkpoints, self.best["steps"])
+                kept = [step for best in self.best.values() for step in best["steps"]]
+                prune_checkpoints(self.out, self.cfg.train.keep_checkpoints, kept)
 
     def train(self) -> list[dict]:
         t, metric = self.cfg.train, self.task.metric

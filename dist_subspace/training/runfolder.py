@@ -16,6 +16,9 @@ from dist_subspace.training.assembly import replica_config
 from dist_subspace.training.checkpoint import complete_checkpoints, simplex_tensors
 from dist_subspace.training.engine import Engine, parameter_counts
 
+# What a run's end writes in each replica folder: a resumed or restarted run must not leave the old ones in place.
+RUN_OUTPUTS = ("final", "final_by", "summary.json", "landscape.json", "landscape.png")
+
 
 def prepare_run_folders(cfg: Config, out: Path, dirs: list[Path], manifests: list[dict], step: int) -> list[str]:
     """Write ``out/config.yaml`` and, per replica folder, its config and ``examples.json``. Resuming at ``step``
@@ -32,8 +35,9 @@ def prepare_run_folders(cfg: Config, out: Path, dirs: list[Path], manifests: lis
         write_json(folder / "examples.json", manifests[r])
         if fresh:
             (folder / "metrics.jsonl").unlink(missing_ok=True)
-            shutil.rmtree(folder / "final", ignore_errors=True)
-            (folder / "summary.json").unlink(missing_ok=True)
+            for name in RUN_OUTPUTS:
+                path = folder / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     if fresh:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return moved
@@ -41,14 +45,24 @@ def prepare_run_folders(cfg: Config, out: Path, dirs: list[Path], manifests: lis
 
 def set_aside_after(out: Path, dirs: list[Path], step: int) -> list[str]:
     """Resuming at ``step``: keep the run's record to that trajectory. Every ``checkpoints/step-M`` with M > step,
-    and every metrics row logged after ``step``'s checkpoint, moves to ``out/abandoned/after-step-N-TIME/``: kept,
-    not deleted, and out of the way of ``resume=auto`` (which would continue the abandoned trajectory) and of
-    retention (which would delete the new checkpoints as older than the abandoned ones)."""
+    every metrics row logged after ``step``'s checkpoint, and what the run's end wrote (``final/``, ``final_by/``,
+    ``summary.json``, the landscape: :data:`RUN_OUTPUTS`), move to ``out/abandoned/after-step-N-TIME/``: kept, not
+    deleted, and out of the way of ``resume=auto`` (which would continue the abandoned trajectory), of retention
+    (which would delete the new checkpoints as older than the abandoned ones) and of ``evaluate``/``predict`` (which
+    would read the abandoned run's ``final/`` while the resumed one has not written its own)."""
     aside = out / "abandoned" / f"after-step-{step}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
     later = [c for c in complete_checkpoints(out) if int(c.name[5:]) > step]
     for folder in later:
         aside.mkdir(parents=True, exist_ok=True)
         folder.rename(aside / folder.name)
+    outputs = []
+    for folder in dirs:
+        for name in RUN_OUTPUTS:
+            if (folder / name).exists():
+                where = aside / (f"{folder.name}.{name}" if folder != out else name)
+                where.parent.mkdir(parents=True, exist_ok=True)
+                (folder / name).rename(where)
+                outputs.append(name if folder == out else f"{folder.name}/{name}")
     dropped = 0
     for folder in dirs:
         log = folder / "metrics.jsonl"
@@ -63,10 +77,11 @@ def set_aside_after(out: Path, dirs: list[Path], step: int) -> list[str]:
         write_atomic(where, "".join(f"{row}\n" for row in rows if not before_checkpoint(row, step)))
         write_atomic(log, "".join(f"{row}\n" for row in kept))
         dropped += len(rows) - len(kept)
-    if not later and not dropped:
+    if not later and not dropped and not outputs:
         return []
     names = ", ".join(c.name for c in later) or "no checkpoint"
-    return [f"resuming at step {step}: set aside {names} and {dropped} metrics row(s) logged after it, in {aside}"]
+    ended = f", the end it wrote ({', '.join(outputs)})" if outputs else ""
+    return [f"resuming at step {step}: set aside {names}, {dropped} metrics row(s) logged after it{ended}, in {aside}"]
 
 
 def logged_step(line: str) -> float:

@@ -48,7 +48,7 @@ from dist_subspace.training.settings import auto_dtype, check_ds_config, compute
 from tests.conftest import run_args, tiny_backbone
 from tests.two_nodes import BIN, ROOT, free_port
 
-NO_BEST = {"scores": [None], "steps": [None], "tensors": None}
+NO_BEST = {"centroid": {"scores": [None], "steps": [None], "tensors": None}}
 QUICK = ("eval.landscape=false",)
 
 
@@ -339,7 +339,9 @@ def test_keep_checkpoints_keeps_the_newest_and_the_best(small_assets, tmp_path):
     out = tmp_path / "run"
     flags = ("train.save_every=3", "train.eval_every=3", "train.keep_checkpoints=2", "eval.initial_test=false")
     assert main(run_args(model_dir, data, out, *QUICK, *flags)) == 0
-    best = json.loads((out / "checkpoints/step-12/trainer_state.json").read_text())["best"]["steps"][0]
+    best = json.loads((out / "checkpoints/step-12/trainer_state.json").read_text())["best"]["by"]["centroid"]["steps"][
+        0
+    ]
     assert {p.name for p in (out / "checkpoints").iterdir()} == {"step-9", "step-12", f"step-{best}"}
 
 
