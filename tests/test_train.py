@@ -186,6 +186,29 @@ def test_a_resumed_run_that_dies_leaves_no_final_of_the_abandoned_trajectory(
     assert "final/simplex.safetensors not found" in capsys.readouterr().err
 
 
+def test_a_budget_in_epochs_sets_the_steps_and_the_evaluations(small_assets, tmp_path, capsys):
+    """16 training examples (8 per class), micro-batch 4, one process: 4 steps an epoch; 2.5 epochs are 10 steps,
+    an evaluation every epoch is one every 4 steps (and at the last)."""
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    args = ("train.epochs=2.5", "train.eval_every_epochs=1", "eval.landscape=false", "eval.initial_test=false")
+    assert main(run_args(model_dir, data, out, *args)) == 0
+    assert "train.epochs=2.5: 10 steps (4.00 per epoch)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["split"] == "dev"] == [4, 8, 10]
+    saved = load_config(out / "config.yaml").train
+    assert (saved.max_steps, saved.eval_every, saved.epochs) == (10, 4, 2.5)
+
+
+@pytest.mark.parametrize(
+    ("examples", "world", "epochs", "steps"), [(16, 1, 1.0, 4), (16, 2, 1.0, 2), (17, 1, 1.0, 5), (96, 1, 10, 240)]
+)
+def test_epochs_become_steps_per_global_batch(examples, world, epochs, steps):
+    cfg = load_config(None, [f"train.epochs={epochs}", "train.micro_batch_size=4"]).train
+    cfg.resolve_budget(examples, world)
+    assert cfg.max_steps == steps
+
+
 def test_every_selection_rule_keeps_its_own_best_from_one_training(small_assets, tmp_path):
     """select_by=centroid with also_select_by=[sampled:2]: final/ holds the centroid's pick, final_by/sampled-2/ the
     sampled metric's, each the best dev row of its own rule; both are scored on test, and a resume keeps both."""

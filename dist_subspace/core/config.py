@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -128,7 +129,8 @@ class TrainConfig:
     overwrite: bool = False  # allow writing into an output_dir that holds a finished run
     resume: str = "none"  # none | auto (newest complete checkpoint in output_dir) | a checkpoint folder
     seed: int = 0
-    max_steps: int = 40  # optimizer steps
+    max_steps: int = 40  # optimizer steps (unless epochs is set)
+    epochs: float = 0.0  # > 0: a budget in passes over the training set, max_steps = ceil(E * N / global batch)
     micro_batch_size: int = 8
     grad_accum: int = 1
     lr: float = 1e-2
@@ -138,6 +140,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     log_every: int = 5
     eval_every: int = 5
+    eval_every_epochs: float = 0.0  # > 0: evaluate (and select) every this many epochs instead, e.g. 1
     save_every: int = 20
     eval_batch_size: int = 32
     tensorboard: bool = False  # an alias of report_to including tensorboard (events in OUTPUT_DIR/tensorboard)
@@ -163,6 +166,9 @@ class TrainConfig:
             _positive(f"train.{name}", getattr(self, name))
         if self.lr <= 0:
             raise ConfigError(f"train.lr must be > 0 (got {self.lr})")
+        for name in ("epochs", "eval_every_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0 (0: off; got {getattr(self, name)})")
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
@@ -175,6 +181,21 @@ class TrainConfig:
         if "all" in names:
             raise ConfigError("train.report_to=all is not supported; name the trackers, e.g. [tensorboard,mlflow]")
         self.report_to = list(dict.fromkeys(names))
+
+    def resolve_budget(self, train_examples: int, world_size: int) -> list[str]:
+        """Turn ``epochs`` and ``eval_every_epochs`` into steps for ``train_examples`` examples (per replica) and
+        ``world_size`` processes: ``max_steps = ceil(E * N / global batch)``, ``eval_every = round(e * N / global
+        batch)`` (at least 1). Returns what was set, for the log."""
+        global_batch = self.micro_batch_size * self.grad_accum * world_size
+        per_epoch = train_examples / global_batch
+        said = []
+        if self.epochs:
+            self.max_steps = max(1, math.ceil(self.epochs * per_epoch - 1e-9))
+            said.append(f"train.epochs={self.epochs:g}: {self.max_steps} steps ({per_epoch:.2f} per epoch)")
+        if self.eval_every_epochs:
+            self.eval_every = max(1, round(self.eval_every_epochs * per_epoch))
+            said.append(f"train.eval_every_epochs={self.eval_every_epochs:g}: every {self.eval_every} steps")
+        return said
 
     def trackers(self) -> list[str]:
         """The experiment trackers to log to: ``report_to``, and tensorboard when ``tensorboard`` (its alias)."""

@@ -65,6 +65,8 @@ class Recipe(FinishStage):
         torch.manual_seed(cfg.train.seed)
         self.splits, self.collator, self.model, self.model_path = build(cfg, engine)
         self.task = self.splits[0].task
+        for said in cfg.train.resolve_budget(len(self.splits[0].train), engine.world_size):  # a budget in epochs
+            self.log(said)
         model, r, mb = self.model, self.replicas, cfg.train.micro_batch_size
         self.noise_std = initialise(cfg, model, self.collator.tokenizer, engine)  # [R, L] or None
         params = list(model.trainable_parameters())
