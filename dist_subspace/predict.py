@@ -15,12 +15,13 @@ the format (``.csv .tsv .jsonl .parquet``), written to a temporary file beside i
 failure leaves no partial file); without ``--out``, JSON lines on stdout.
 
 Inputs stream from the file through the model 256 rows at a time (``--chunk``), with a progress bar on stderr: a
-process holds one chunk of the input, never the whole file (.csv, .tsv, .jsonl and .parquet are read a chunk at a
-time; a .json file, one JSON document, is read whole: write JSON lines to stream a large input). Before the model
-loads, the columns are checked from the file's header (.csv, .tsv) or schema (.parquet), JSON's from its first
-rows, and then every row is read once, a chunk at a time, so that an empty text anywhere is refused before any
-work (and the progress bar knows the total). Should the file change after that check, a bad row met during the
-pass is still one line, exit status 2, and no output file; on stdout the rows before it are already printed.
+process holds one read of the input (8,192 rows, or a chunk if larger), never the whole file (.csv, .tsv, .jsonl
+and .parquet are read in parts; a .json file, one JSON document, is read whole: write JSON lines to stream a large
+input). Before the model loads, the columns are checked from the file's header (.csv, .tsv) or schema
+(.parquet), JSON's from its first rows, and then every row is read once, in parts, so that an empty text anywhere
+is refused before any work (and the progress bar knows the total). Should the file change after that check, a
+bad row met during the pass is still one line, exit status 2, and no output file; on stdout the rows before it are
+already printed.
 
 Under a launcher (``torchrun --nproc_per_node N -m dist_subspace.predict ...``) every process streams the file,
 the rows of each chunk are shared out between them, and only the main process writes, each row once, in order;
@@ -48,6 +49,7 @@ from dist_subspace.training.preflight import is_main_rank
 
 OUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 CHUNK = 256
+READ_ROWS = 8192  # rows per read of the input file (at least a chunk): a few MB of text, few reader calls
 
 
 def say_error(err: BaseException) -> int:
@@ -87,8 +89,8 @@ def _cell(value) -> str:
 
 
 class Inputs:
-    """``--data``, the texts to label, read ``chunk`` rows at a time (one chunk held at a time): iterate it for
-    each chunk's examples (``label`` 0, unused; ``id`` the row number), in file order.
+    """``--data``, the texts to label, streamed: iterate it for each chunk's examples (``chunk`` of them; ``label``
+    0, unused; ``id`` the row number), in file order, holding one read of ``max(chunk, READ_ROWS)`` rows at a time.
 
     Made before the model loads: an unknown type, a missing file and a missing text column (from the header or
     schema; JSON's from its first chunk) are one-line ConfigErrors at once; ``labelled`` says whether the file has
@@ -119,9 +121,10 @@ class Inputs:
         self.labelled = label in columns
 
     def _frames(self) -> Iterator:
-        """The file's chunks as DataFrames (of the text columns only where the header names them)."""
+        """The file as DataFrames of ``max(chunk, READ_ROWS)`` rows (the text columns only where the header names
+        them): a reader call per few thousand rows, not per chunk."""
         wanted = [c for c in (self.text, self.pair) if c is not None] if self.header is not None else None
-        frames = table_chunks(self.path, self.chunk, wanted)
+        frames = table_chunks(self.path, max(self.chunk, READ_ROWS), wanted)
         while True:
             frame = _refusal(next, frames, None)
             if frame is None:
@@ -129,17 +132,26 @@ class Inputs:
             yield frame
 
     def __iter__(self) -> Iterator[list[Example]]:
-        start = 0
+        start, texts, pairs = 0, [], []  # the rows read and not yet yielded: chunks run across reads
         for frame in self._frames():
-            yield self._examples(frame, start)
-            start += len(frame)
+            texts, pairs = texts + self._column(frame, self.text), pairs + self._column(frame, self.pair)
+            at = 0
+            while len(texts) - at >= self.chunk:
+                yield self._examples(texts[at : at + self.chunk], pairs[at : at + self.chunk], start + at)
+                at += self.chunk
+            texts, pairs, start = texts[at:], pairs[at:], start + at
+        if texts:
+            yield self._examples(texts, pairs, start)
 
-    def _examples(self, frame, start: int) -> list[Example]:
-        """A chunk's rows as examples numbered from ``start``; a text column absent from a JSON chunk is empty."""
-        texts = [_cell(v) for v in frame[self.text].tolist()] if self.text in frame.columns else [""] * len(frame)
-        pairs: list = [None] * len(texts)
-        if self.pair is not None:
-            pairs = [_cell(v) for v in frame[self.pair].tolist()] if self.pair in frame.columns else [""] * len(texts)
+    @staticmethod
+    def _column(frame, column: str | None) -> list:
+        """A read's cells of ``column`` as text (None for no column; empty where a JSON read lacks it)."""
+        if column is None:
+            return [None] * len(frame)
+        return [_cell(v) for v in frame[column].tolist()] if column in frame.columns else [""] * len(frame)
+
+    def _examples(self, texts: list[str], pairs: list, start: int) -> list[Example]:
+        """A chunk's texts (and pair texts or None) as examples numbered from ``start``; an empty text refused."""
         examples = []
         for i, (t, p) in enumerate(zip(texts, pairs, strict=True), start):
             empty = [c for c, v in ((self.text, t), (self.pair, p)) if c is not None and not v.strip()]

@@ -277,8 +277,9 @@ def test_the_input_streams_through_the_model_one_chunk_at_a_time(run, inputs, re
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet", ".json"])
 def test_inputs_are_read_a_chunk_at_a_time_in_every_format(tmp_path, monkeypatch, suffix):
-    """Chunks of at most --chunk rows, numbered by their row in the file; only .json (one JSON document) is read
-    whole. The label column is seen from the header (or the first rows of JSON)."""
+    """Chunks of --chunk rows (the last one shorter), numbered by their row in the file, across the file's reads
+    (of 5 rows here); only .json (one JSON document) is read whole. The label column is seen from the header (or
+    the first rows of JSON)."""
     frame = pd.DataFrame({"label": ["positive"] * 11, "text": [f"review {i}, '1.50'" for i in range(11)]})
     path = tmp_path / f"in{suffix}"
     if suffix in (".csv", ".tsv"):
@@ -289,9 +290,8 @@ def test_inputs_are_read_a_chunk_at_a_time_in_every_format(tmp_path, monkeypatch
         frame.to_json(path, orient="records", lines=suffix == ".jsonl")
     if suffix != ".json":
         _never_whole(monkeypatch, path)
-    from dist_subspace.predict import Inputs
-
-    inputs = Inputs(path, "text", None, "label", 4)
+    monkeypatch.setattr(predict_command, "READ_ROWS", 5)
+    inputs = predict_command.Inputs(path, "text", None, "label", 4)
     chunks = list(inputs)
     assert inputs.labelled and inputs.count() == 11 and [len(c) for c in chunks] == [4, 4, 3]
     assert [e["id"] for c in chunks for e in c] == list(range(11))
