@@ -14,6 +14,7 @@ from transformers import (
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
+    MPNetConfig,
     Phi3Config,
     Qwen2Config,
     Qwen2MoeConfig,
@@ -52,6 +53,8 @@ _ENC = dict(_COMMON, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 ENCODER_CONFIGS = {
     "bert": lambda: BertConfig(**_ENC),
     "roberta": lambda: RobertaConfig(**_ENC, pad_token_id=1, max_position_embeddings=64),
+    # No key/value cache: the prefix enters through its self-attention (core/mpnet.py); relative position bias.
+    "mpnet": lambda: MPNetConfig(**_ENC, pad_token_id=1, max_position_embeddings=64),
 }
 
 

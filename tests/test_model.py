@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_subspace.core import simplex
+from dist_subspace.core import mpnet, simplex
 from dist_subspace.core.arch import ArchSpec, arch_spec, input_position_ids
 from dist_subspace.core.export import peft_prefix_weight
 from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
@@ -107,6 +107,9 @@ def test_masked_out_prefix_leaves_encoder_unchanged(family, batch):
 
     def with_prefix(visible: int):
         prefix_mask = torch.full((3, P), visible, dtype=mask.dtype)
+        if spec.injection == "attention":  # MPNet: no cache; the prefix mask goes to its attention (core/mpnet.py)
+            with mpnet.prefixed(model.backbone, prefix, prefix_mask.bool()):
+                return model.backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         return model.backbone(
             input_ids=ids,
             attention_mask=torch.cat([prefix_mask, mask], 1),

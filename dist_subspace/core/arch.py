@@ -22,11 +22,14 @@ class ArchSpec:
     tuning), ``from_zero`` (BERT: the input keeps its pretrained positions 0..S-1, so a masked-out prefix
     is a no-op), ``padding_offset`` (RoBERTa: positions start at ``pad_token_id + 1``).
     lora_targets: the attention query and value projections, where the LoRA baseline goes.
+    injection: ``cache`` (a transformers cache returns the prefix keys/values before the input's), ``attention``
+    (the family's attention has no cache: its self-attention takes the prefix itself, MPNet: core/mpnet.py).
     """
 
     kind: Literal["decoder", "encoder"]
     positions: Literal["after_prefix", "from_zero", "padding_offset"]
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    injection: Literal["cache", "attention"] = "cache"
 
 
 ARCHITECTURES: dict[str, ArchSpec] = {
@@ -42,6 +45,7 @@ ARCHITECTURES: dict[str, ArchSpec] = {
     "qwen2_moe": ArchSpec("decoder", "after_prefix"),
     "bert": ArchSpec("encoder", "from_zero", ("query", "value")),
     "roberta": ArchSpec("encoder", "padding_offset", ("query", "value")),
+    "mpnet": ArchSpec("encoder", "padding_offset", ("q", "v"), injection="attention"),  # positions from pad + 1
 }
 
 # Families we know and refuse, with what is missing (one line each, shown to the user as is).

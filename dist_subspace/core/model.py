@@ -10,20 +10,21 @@ Library face::
 
 The prefix reaches every attention layer through a cache whose layers *return* prefix+input keys/values
 without storing them: stateless, so a fresh one per forward costs nothing and gradient checkpointing
-(which re-runs layers in backward) sees the same keys twice instead of a cache that grew.
+(which re-runs layers in backward) sees the same keys twice instead of a cache that grew. MPNet takes no cache:
+its self-attention takes the prefix itself, for the duration of one forward (``ArchSpec.injection``, core/mpnet.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from dist_subspace.core import attention, simplex
+from dist_subspace.core import attention, mpnet, simplex
 from dist_subspace.core.arch import arch_spec, input_position_ids, prefix_geometry, sliding_window
 
 
@@ -174,6 +175,8 @@ class PrefixSubspaceModel(nn.Module):
                 module._can_checkpoint_with_cache = True
         self.backbone = backbone
         attention.enable(backbone)  # prefix-aware SDPA: causal fast path, grouped key/value heads (attention.py)
+        if self.spec.injection == "attention":
+            mpnet.install(backbone)  # the prefix through MPNet's self-attention (mpnet.py)
         self.config = config
         self.prefix_length = prefix_length
         g = self.geometry
@@ -289,33 +292,27 @@ class PrefixSubspaceModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, attention_mask (, token_type_ids) ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]``
         (per replica; ``replica`` ``[B]`` says whose, needed when R > 1) -> class logits ``[B, C]``."""
-        batch = input_ids.shape[0]
-        if self.use_prefix:
-            ones = attention_mask.new_ones(batch, self.prefix_length)
-            full = torch.cat([ones, attention_mask], dim=1)  # [B, P + S]: the prefix is visible
+        batch, p = input_ids.shape[0], self.prefix_length if self.use_prefix else 0
+        position_ids = input_position_ids(self.spec, attention_mask, p, self.config)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        injected = nullcontext()
+        if self.use_prefix and self.spec.injection == "attention":  # MPNet: no cache; its attention takes the prefix
+            injected = mpnet.prefixed(self.backbone, self.prefix(alpha, batch, replica, noise))
+        elif self.use_prefix:
+            full = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)  # [B, P + S]: prefix visible
             cache = prefix_cache(self.prefix(alpha, batch, replica, noise))
-            p, seq, dtype = self.prefix_length, input_ids.shape[1], self.compute_dtype
-            inputs = dict(
-                input_ids=input_ids,
-                attention_mask=prefix_attention_mask(self.config, full, cache, seq, p, dtype, True),
-                position_ids=input_position_ids(self.spec, attention_mask, self.prefix_length, self.config),
-                cache=cache,
-                use_cache=False,
-            )
-        else:
-            position_ids = input_position_ids(self.spec, attention_mask, 0, self.config)
-            inputs = dict(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-            )
+            mask = prefix_attention_mask(self.config, full, cache, input_ids.shape[1], p, self.compute_dtype, True)
+            inputs.update(attention_mask=mask, cache=cache)
         if self.config._attn_implementation == attention.PREFIX_ATTENTION:
-            inputs["prefix_length"] = self.prefix_length if self.use_prefix else 0  # see prefix_attention_mask
+            inputs["prefix_length"] = p  # see prefix_attention_mask
         if self.spec.kind == "decoder":
             with last_real_token_only(self.backbone.base_model, attention_mask):
                 out = self.backbone(**inputs, logits_to_keep=1)
             return out.logits[:, -1, :].float().index_select(-1, self.label_token_ids)  # [B, C]
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
-        hidden = self.backbone(**inputs).last_hidden_state.float()  # [B, S, H], pooled in fp32
+        with injected:
+            hidden = self.backbone(**inputs).last_hidden_state.float()  # [B, S, H], pooled in fp32
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, H] mean over real tokens
         return self.simplex.head(pooled, self.block_alpha(alpha, batch, replica)[:, -1])
@@ -324,6 +321,8 @@ class PrefixSubspaceModel(nn.Module):
     @torch.no_grad()
     def kv_activations(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The frozen model's own keys/values for ``token_ids`` ``[N, P]`` -> ``[N, L, 2, H_kv, P, D]``."""
+        if self.spec.injection == "attention":
+            return mpnet.kv_activations(self.backbone, token_ids)
         cache = DynamicCache()
         mask = torch.ones_like(token_ids)
         self.backbone(input_ids=token_ids, attention_mask=mask, cache=cache, use_cache=True)
