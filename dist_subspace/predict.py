@@ -43,13 +43,12 @@ from pathlib import Path
 
 from dist_subspace.core.cli import USER_ERRORS, OneLineParser, exit_now, user_error
 from dist_subspace.core.config import Config, ConfigError, check_eval_mode
-from dist_subspace.data.tables import table_chunks, table_header
+from dist_subspace.data.tables import READ_ROWS, table_chunks, table_header, text_chunks
 from dist_subspace.data.tasks import GLUE, LOCAL_SUFFIXES, TASKS, Example, TaskSpec
 from dist_subspace.training.preflight import is_main_rank
 
 OUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 CHUNK = 256
-READ_ROWS = 8192  # rows per read of the input file (at least a chunk): a few MB of text, few reader calls
 
 
 def say_error(err: BaseException) -> int:
@@ -84,16 +83,12 @@ def check_mode(mode: str) -> tuple[str, int | None]:
     return kind, number
 
 
-def _cell(value) -> str:
-    return "" if value is None or value != value else str(value)  # None / NaN -> ""
-
-
 class Inputs:
     """``--data``, the texts to label, streamed: iterate it for each chunk's examples (``chunk`` of them; ``label``
-    0, unused; ``id`` the row number), in file order, holding one read of ``max(chunk, READ_ROWS)`` rows at a time.
+    0, unused; ``id`` the row number), in file order (:func:`~dist_subspace.data.tables.text_chunks`).
 
     Made before the model loads: an unknown type, a missing file and a missing text column (from the header or
-    schema; JSON's from its first chunk) are one-line ConfigErrors at once; ``labelled`` says whether the file has
+    schema; JSON's from its first rows) are one-line ConfigErrors at once; ``labelled`` says whether the file has
     the ``label`` column. An empty text (the row named) or an unreadable part is a one-line ConfigError raised
     when its chunk is read: :meth:`count` reads them all first."""
 
@@ -106,61 +101,22 @@ class Inputs:
         if not path.is_file():
             raise ConfigError(f"--data {str(path)!r} not found; give the file of texts to label")
         self.path, self.text, self.pair, self.chunk = path, text, pair, chunk
-        self.header = _refusal(table_header, path)  # None for JSON: no header, its first rows tell
-        columns = self.header
+        columns = _refusal(table_header, path)  # None for JSON: no header, its first rows tell
         if columns is None:
-            frames = self._frames()
-            columns = list(next(frames).columns)  # table_chunks yields at least one chunk, or refuses the file
-            frames.close()
+            reads = table_chunks(path, READ_ROWS)
+            columns = [str(c) for c in _refusal(next, reads).columns]  # a first read, or the file is refused
+            reads.close()
         for key, column in (("text_field", text), ("text_pair_field", pair)):
             if column is not None and column not in columns:
                 raise ConfigError(
-                    f"--data {str(path)!r}: no column {column!r} (the run's data.{key}); columns present: "
-                    f"{[str(c) for c in columns]}"
+                    f"--data {str(path)!r}: no column {column!r} (the run's data.{key}); columns present: {columns}"
                 )
         self.labelled = label in columns
 
-    def _frames(self) -> Iterator:
-        """The file as DataFrames of ``max(chunk, READ_ROWS)`` rows (the text columns only where the header names
-        them): a reader call per few thousand rows, not per chunk."""
-        wanted = [c for c in (self.text, self.pair) if c is not None] if self.header is not None else None
-        frames = table_chunks(self.path, max(self.chunk, READ_ROWS), wanted)
-        while True:
-            frame = _refusal(next, frames, None)
-            if frame is None:
-                return
-            yield frame
-
     def __iter__(self) -> Iterator[list[Example]]:
-        start, texts, pairs = 0, [], []  # the rows read and not yet yielded: chunks run across reads
-        for frame in self._frames():
-            texts, pairs = texts + self._column(frame, self.text), pairs + self._column(frame, self.pair)
-            at = 0
-            while len(texts) - at >= self.chunk:
-                yield self._examples(texts[at : at + self.chunk], pairs[at : at + self.chunk], start + at)
-                at += self.chunk
-            texts, pairs, start = texts[at:], pairs[at:], start + at
-        if texts:
-            yield self._examples(texts, pairs, start)
-
-    @staticmethod
-    def _column(frame, column: str | None) -> list:
-        """A read's cells of ``column`` as text (None for no column; empty where a JSON read lacks it)."""
-        if column is None:
-            return [None] * len(frame)
-        return [_cell(v) for v in frame[column].tolist()] if column in frame.columns else [""] * len(frame)
-
-    def _examples(self, texts: list[str], pairs: list, start: int) -> list[Example]:
-        """A chunk's texts (and pair texts or None) as examples numbered from ``start``; an empty text refused."""
-        examples = []
-        for i, (t, p) in enumerate(zip(texts, pairs, strict=True), start):
-            empty = [c for c, v in ((self.text, t), (self.pair, p)) if c is not None and not v.strip()]
-            if empty:
-                raise ConfigError(
-                    f"--data {str(self.path)!r}: row {i} has an empty text in column {empty[0]!r}; fill or remove it"
-                )
-            examples.append({"text": t, "text_pair": p, "label": 0, "id": i})
-        return examples
+        chunks = text_chunks(self.path, self.text, self.pair, self.chunk, f"--data {str(self.path)!r}")
+        while (part := _refusal(next, chunks, None)) is not None:
+            yield part
 
     def count(self) -> int:
         """Read every chunk once and return the number of rows: every refusal of the file, before any work."""

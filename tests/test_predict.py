@@ -290,7 +290,9 @@ def test_inputs_are_read_a_chunk_at_a_time_in_every_format(tmp_path, monkeypatch
         frame.to_json(path, orient="records", lines=suffix == ".jsonl")
     if suffix != ".json":
         _never_whole(monkeypatch, path)
-    monkeypatch.setattr(predict_command, "READ_ROWS", 5)
+    from dist_subspace.data import tables
+
+    monkeypatch.setattr(tables, "READ_ROWS", 5)
     inputs = predict_command.Inputs(path, "text", None, "label", 4)
     chunks = list(inputs)
     assert inputs.labelled and inputs.count() == 11 and [len(c) for c in chunks] == [4, 4, 3]

@@ -1,6 +1,6 @@
 """Reading labelled tables: local files (csv, tsv, json lines, parquet) as pandas frames, whole or a chunk of rows at
 a time (:func:`table_chunks`, for inputs larger than memory), with a one-line error for a missing, empty, unreadable
-or cut-short file, and their rows as examples (text, pair, label, id)."""
+or cut-short file, and their rows as examples (text, pair, label, id; :func:`text_chunks` streams unlabelled ones)."""
 
 from __future__ import annotations
 
@@ -47,6 +47,7 @@ def _no_rows(path: Path) -> ValueError:
 
 # pandas' and pyarrow's parse errors are ValueErrors (UnicodeDecodeError is one too)
 _READ_ERRORS = (ValueError, OSError)
+READ_ROWS = 8192  # rows per read of text_chunks (at least a chunk): a few MB of text, a reader call per few thousand
 
 
 def read_table(path: str | Path):
@@ -102,6 +103,44 @@ def table_chunks(path: str | Path, rows: int, columns: Sequence[str] | None = No
         raise _unreadable(path, err) from None
     if not yielded:
         raise _no_rows(path)
+
+
+def text_chunks(path: str | Path, text: str, pair: str | None, chunk: int, where: str) -> Iterator[list[Example]]:
+    """The rows of ``path`` as unlabelled examples (``label`` 0, ``id`` the row number), ``chunk`` at a time in file
+    order, read ``max(chunk, READ_ROWS)`` rows at a time: one read held at a time, chunks running across reads.
+    Only the text columns are read from .csv/.tsv/.parquet (each must be in :func:`table_header`).
+
+    A row whose text (or pair text) is empty, only whitespace, or absent from a JSON row is a one-line ValueError
+    naming the row (``where`` first), raised when its chunk is made; an unreadable part as :func:`table_chunks`'s."""
+    path = Path(path)
+    wanted = [c for c in (text, pair) if c is not None] if path.suffix.lower() in (".csv", ".tsv", ".parquet") else None
+    start, texts, pairs = 0, [], []  # the rows read and not yet yielded
+    for frame in table_chunks(path, max(chunk, READ_ROWS), wanted):
+        texts, pairs = texts + _column(frame, text), pairs + _column(frame, pair)
+        at = 0
+        while len(texts) - at >= chunk:
+            yield _unlabelled(texts[at : at + chunk], pairs[at : at + chunk], start + at, where, text, pair)
+            at += chunk
+        texts, pairs, start = texts[at:], pairs[at:], start + at
+    if texts:
+        yield _unlabelled(texts, pairs, start, where, text, pair)
+
+
+def _column(frame, column: str | None) -> list:
+    """A read's cells of ``column`` as text (None for no column; empty where a JSON read lacks it)."""
+    if column is None:
+        return [None] * len(frame)
+    return [_text(v) for v in frame[column].tolist()] if column in frame.columns else [""] * len(frame)
+
+
+def _unlabelled(texts: list[str], pairs: list, start: int, where: str, text: str, pair: str | None) -> list[Example]:
+    examples = []
+    for i, (t, p) in enumerate(zip(texts, pairs, strict=True), start):
+        empty = [c for c, v in ((text, t), (pair, p)) if c is not None and not v.strip()]
+        if empty:
+            raise ValueError(f"{where}: row {i} has an empty text in column {empty[0]!r}; fill or remove such rows")
+        examples.append({"text": t, "text_pair": p, "label": 0, "id": i})
+    return examples
 
 
 def _chunks(path: Path, rows: int, columns: Sequence[str] | None) -> Iterator:
