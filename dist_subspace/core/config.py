@@ -90,9 +90,10 @@ class SimplexConfig:
 @dataclass
 class DataConfig:
     task: str = "rotten_tomatoes"  # a registered task name or a local file (.csv/.tsv/.json/.jsonl/.parquet)
-    protocol: str = "kshot"  # kshot: k per class for train and dev; first_n: N train, dev_size dev
+    protocol: str = "kshot"  # kshot: k per class for train and dev; first_n, stratified: N train, dev_size dev
     shots_per_class: int = 16
     first_n: int = 0
+    train_size: int | None = None  # stratified: N, stratified by class (unset: None, as in older runs' configs)
     dev_size: int = 1000
     test_size: int = 1000  # cap on test examples (0: the whole test split)
     seed: int = 0
@@ -104,13 +105,21 @@ class DataConfig:
     data_files: dict[str, str] | None = None  # split -> local file, in place of a hub download
 
     def __post_init__(self) -> None:
-        _choice("data.protocol", self.protocol, ("kshot", "first_n"))
+        _choice("data.protocol", self.protocol, ("kshot", "first_n", "stratified"))
         if self.protocol == "kshot":
             _positive("data.shots_per_class", self.shots_per_class)
-        elif self.first_n < 1:
+            return
+        if self.protocol == "first_n" and self.first_n < 1:
             raise ConfigError("data.first_n must be >= 1 with data.protocol=first_n; set e.g. data.first_n=100")
-        elif self.dev_size < 1:
-            raise ConfigError("data.dev_size must be >= 1 with data.protocol=first_n: dev picks the checkpoint")
+        if self.protocol == "stratified" and (self.train_size is None or self.train_size < 1):
+            raise ConfigError(
+                f"data.train_size must be >= 1 with data.protocol=stratified (got {self.train_size}); "
+                "set e.g. data.train_size=100"
+            )
+        if self.dev_size < 1:
+            raise ConfigError(
+                f"data.dev_size must be >= 1 with data.protocol={self.protocol}: dev picks the checkpoint"
+            )
 
 
 @dataclass

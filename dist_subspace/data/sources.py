@@ -15,6 +15,7 @@ One entry point, :func:`load_splits`, takes the ``data.*`` config keys. A task i
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -121,8 +122,51 @@ def kshot_indices(
     return sorted(chosen)
 
 
+def stratified_counts(counts: Sequence[int], n: int) -> list[int]:
+    """How many of ``n`` examples each class gets, in proportion to ``counts`` (its examples in the pool).
+
+    Every class with examples gets at least 1 when ``n`` allows (``n`` >= the number of such classes; else there
+    is no minimum). Rounding: those classes start at 1, then the other examples go one at a time to the class
+    furthest below its share ``n * count / sum(counts)`` (ties: the lower class index). Where no share is under 1
+    this is largest-remainder (Hamilton) rounding: each class gets the integer part of its share, and the classes
+    with the largest fractional parts one more each. Where the minimum lifts small classes above their shares, the
+    examples it costs come off the classes left furthest below theirs, i.e. the largest ones.
+    """
+    total = sum(counts)
+    if not 0 <= n <= total:
+        raise ValueError(f"cannot draw {n} examples from {total}")
+    present = [c for c, count in enumerate(counts) if count > 0]
+    taken = [int(count > 0 and n >= len(present)) for count in counts]
+    # how far each class is below its share, times total (exact integers): n * count - taken * total
+    heap = [(-(n * counts[c] - taken[c] * total), c) for c in present if taken[c] < counts[c]]
+    heapq.heapify(heap)
+    for _ in range(n - sum(taken)):
+        _, c = heapq.heappop(heap)
+        taken[c] += 1
+        if taken[c] < counts[c]:
+            heapq.heappush(heap, (-(n * counts[c] - taken[c] * total), c))
+    return taken
+
+
+def stratified_indices(
+    labels: Sequence[int], n: int, generator: torch.Generator, exclude: set[int] = frozenset(), classes: int = 0
+) -> list[int]:
+    """``n`` indices stratified by class (:func:`stratified_counts` of the classes' examples not in ``exclude``),
+    each class's drawn without replacement with ``generator``, sorted. ``classes``: how many classes there are
+    (0: ``max(labels) + 1``)."""
+    pools: list[list[int]] = [[] for _ in range(classes or max(labels, default=-1) + 1)]
+    for i, y in enumerate(labels):
+        if i not in exclude:
+            pools[y].append(i)
+    chosen: list[int] = []
+    for pool, take in zip(pools, stratified_counts([len(p) for p in pools], n), strict=True):
+        order = torch.randperm(len(pool), generator=generator).tolist()
+        chosen += [pool[i] for i in order[:take]]
+    return sorted(chosen)
+
+
 def _strata(task: TaskSpec, pool: list[Example]) -> tuple[list[int], tuple[str, ...]]:
-    """Labels to draw k per class from; regression: 2 bins split at the median (as LM-BFF samples STS-B)."""
+    """Labels to stratify by; regression: 2 bins split at the median (as LM-BFF samples STS-B)."""
     if not task.regression:
         return [e["label"] for e in pool], task.label_names
     median = statistics.median(e["label"] for e in pool)
@@ -130,7 +174,15 @@ def _strata(task: TaskSpec, pool: list[Example]) -> tuple[list[int], tuple[str, 
 
 
 def _split(
-    task: TaskSpec, sources: Sources, protocol: str, k: int, first_n: int, dev_size: int, test_size: int, seed: int
+    task: TaskSpec,
+    sources: Sources,
+    protocol: str,
+    k: int,
+    first_n: int,
+    train_size: int | None,
+    dev_size: int,
+    test_size: int,
+    seed: int,
 ) -> FewShotSplits:
     """Apply a protocol: train/dev from the training split; test = the validation split, else held out of it."""
     pool_name = "train" if "train" in sources else "all" if "all" in sources else None
@@ -154,14 +206,24 @@ def _split(
         held_out = set(torch.randperm(len(pool), generator=fixed)[:test_size].tolist())
 
     gen = torch.Generator().manual_seed(seed)
+    hint = f", or data.test_size ({len(held_out)} examples are held out for test)" if held_out else ""
     if protocol == "kshot":
         labels, names = _strata(task, pool)
         try:
             train = kshot_indices(labels, k, gen, held_out, names)
             dev = kshot_indices(labels, k, gen, held_out | set(train), names)
         except ValueError as err:
-            hint = f", or data.test_size ({len(held_out)} examples are held out for test)" if held_out else ""
             raise ValueError(f"task {task.name}: {err}{hint}") from None
+    elif protocol == "stratified":
+        available = len(pool) - len(held_out)
+        if train_size + dev_size > available:
+            raise ValueError(
+                f"task {task.name}: train_size={train_size} + dev_size={dev_size} exceeds the {available} training "
+                f"examples available; lower data.train_size or data.dev_size{hint}"
+            )
+        labels, names = _strata(task, pool)
+        train = stratified_indices(labels, train_size, gen, held_out, len(names))
+        dev = stratified_indices(labels, dev_size, gen, held_out | set(train), len(names))
     else:
         order = [i for i in torch.randperm(len(pool), generator=gen).tolist() if i not in held_out]
         if first_n + dev_size > len(order):
@@ -187,6 +249,7 @@ def load_splits(
     protocol: str = "kshot",
     shots_per_class: int = 16,
     first_n: int = 0,
+    train_size: int | None = None,
     dev_size: int = 1000,
     test_size: int = 1000,
     seed: int = 0,
@@ -201,7 +264,10 @@ def load_splits(
 
     Protocols: ``kshot``: ``shots_per_class`` examples per class for train and as many for dev, drawn with
     ``seed`` (LM-BFF; regression: per half, split at the median); ``first_n``: the first ``first_n`` training
-    examples after a shuffle with ``seed``, the next ``dev_size`` as dev (UniPELT). Test is the source's
+    examples after a shuffle with ``seed``, the next ``dev_size`` as dev (UniPELT); ``stratified``: ``train_size``
+    examples in all, stratified by class (in proportion to the training pool's classes, each class at least 1
+    where ``train_size`` allows; rounding: :func:`stratified_counts`), then ``dev_size`` stratified the same way
+    from the rest of the pool, both drawn with ``seed``. Test is the source's
     validation split (``validation_matched`` for mnli), or for one-split sources the held-out examples;
     ``test_size`` caps it (0: all) with a fixed draw, the same for every ``seed``.
     """
@@ -211,6 +277,8 @@ def load_splits(
         raise ValueError(f"data.shots_per_class must be >= 1 (got {shots_per_class})")
     if protocol == "first_n" and first_n < 1:
         raise ValueError(f"data.first_n must be >= 1 with data.protocol=first_n (got {first_n})")
+    if protocol == "stratified" and (train_size is None or train_size < 1):
+        raise ValueError(f"data.train_size must be >= 1 with data.protocol=stratified (got {train_size}); e.g. 100")
     if dev_size < 0 or test_size < 0:
         raise ValueError(f"data.dev_size and data.test_size must be >= 0 (got {dev_size}, {test_size})")
     if data_files is not None and (not data_files or set(data_files) - set(SPLITS)):
@@ -243,4 +311,4 @@ def load_splits(
             f"unknown task {task!r}; registered: {sorted(TASKS)}, or a local file ending in "
             f"{'/'.join(LOCAL_SUFFIXES)}, or any name with data.data_files"
         )
-    return _split(spec, sources, protocol, shots_per_class, first_n, dev_size, test_size, seed)
+    return _split(spec, sources, protocol, shots_per_class, first_n, train_size, dev_size, test_size, seed)

@@ -14,7 +14,7 @@ Example = dict
 Sources = dict[str, list[Example]]  # source split name -> its examples, in file order
 
 METRICS = ("accuracy", "f1", "matthews", "macro_f1", "pearson", "spearman")
-PROTOCOLS = ("kshot", "first_n")
+PROTOCOLS = ("kshot", "first_n", "stratified")
 SPLITS = ("train", "validation", "validation_matched", "test", "all")  # the keys data.data_files may use
 LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
 # A capped test split is drawn with this fixed seed, not the run's: runs with different seeds score the same examples.

@@ -35,6 +35,7 @@ RUN_IDENTITY = (
     "data.protocol",
     "data.shots_per_class",
     "data.first_n",
+    "data.train_size",
     "data.dev_size",
     "data.seed",
     "data.text_field",
