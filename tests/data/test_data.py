@@ -205,7 +205,7 @@ def test_new_offline_tasks_load(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["bbc_news", "newsgroups20", "reuters_r8", "reuters_r52", "rotten_tomatoes"])
+@pytest.mark.parametrize("name", ["bbc_news", "newsgroups20", "reuters_r8", "reuters_r52", "rotten_tomatoes", "snli"])
 def test_offline_label_words_are_one_smollm2_token(name):
     from transformers import AutoTokenizer
 
