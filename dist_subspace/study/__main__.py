@@ -15,8 +15,9 @@ from pathlib import Path
 from dist_subspace.core.cli import exit_now, user_error
 from dist_subspace.core.config import ConfigError
 from dist_subspace.study.fanout import LAUNCHERS
+from dist_subspace.study.pilot import pilot, pilot_markdown
 from dist_subspace.study.report import compare
-from dist_subspace.study.run import StudyFailed, run_study
+from dist_subspace.study.run import StudyFailed, model_kind, run_study
 from dist_subspace.study.spec import load_spec
 
 
@@ -34,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=LAUNCHERS,
         help="local: this machine; slurm: one submitit job per unit (the spec's slurm: parameters); "
         "submitit-local: the same jobs as local processes",
+    )
+    parser.add_argument(
+        "--pilot",
+        action="store_true",
+        help="time a few real steps of each model and task of the grid, and print the grid's expected hours "
+        "(OUT/pilot.json, OUT/pilot.md); trains no unit",
     )
     parser.add_argument(
         "--retrain-changed",
@@ -54,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(
                 f"--compare {' '.join(args.compare)}: both must be among the spec's methods {spec.methods}"
             )
+        if args.pilot:
+            record = pilot(spec, {m: model_kind(m) for m in spec.models}, Path(spec.output_dir))
+            print(pilot_markdown(record))
+            return 0
         result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher, args.retrain_changed)
     except StudyFailed as err:  # the report is written with the other units; a fault, not a bad input
         print(f"error: {err}", file=sys.stderr)

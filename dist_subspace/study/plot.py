@@ -22,7 +22,7 @@ def plot(spec: StudySpec, summary: dict, curves: dict, path: Path) -> None:
 
     table = summary["table"]
     models = [m for m in spec.models if table.get(m)]
-    tasks = {m: [t for t in spec.tasks if any(t in r for r in table[m].values())] for m in models}
+    tasks = {m: [t for t in spec.task_labels() if any(t in r for r in table[m].values())] for m in models}
     columns = 1 + max((len(t) for t in tasks.values()), default=0)
     fig = Figure(figsize=(4.2 * columns + 2, 4.2 * (len(models) + 1)))
     FigureCanvasAgg(fig)

@@ -22,13 +22,16 @@ from dist_subspace.core.files import read_json
 from dist_subspace.study.fanout import fan_out
 from dist_subspace.study.report import report
 from dist_subspace.study.spec import (
+    VIEWS,
     StudySpec,
     Unit,
     as_overrides,
     plan_units,
     replica_dirs,
     run_overrides,
+    task_label,
 )
+from dist_subspace.study.spread import metrics_rows
 from dist_subspace.study.state import claim, config_changes, describe_claim, read_summary, set_aside, unit_done
 
 # Fallback seconds per replica-run when the study has no timing of its own yet (2-core CPU, one thread,
@@ -47,31 +50,58 @@ def model_kind(name: str) -> str:
 
 
 def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
-    """Every finished seed's numbers, read back from its run folder."""
+    """Every finished seed's numbers, read back from its run folder: one cell per (unit, seed), and one more per
+    method viewed from it (:data:`~dist_subspace.study.spec.VIEWS`: the same runs' best under another rule). A cell's
+    ``task`` is its report column (``TASK@SIZE`` with sizes); ``base_task`` and ``size`` say what it is."""
     cells = []
     for unit in units:
         if not unit_done(spec, unit, root):
             continue
         timing = read_json(unit.folder(root) / "unit.json")
         seconds = timing.get("seconds") if isinstance(timing, dict) else None
+        views = {
+            view: rule.format(sampled=spec.sampled)
+            for view, (source, rule) in VIEWS.items()
+            if source == unit.method and view in spec.methods
+        }
         for r, folder in enumerate(replica_dirs(spec, unit, root)):
             summary = read_summary(folder)
             final = json.loads((folder / "final" / "simplex_config.json").read_text())
+            rows = metrics_rows(folder)
             cell = {**asdict(unit), "seed": spec.first_seed + r, "folder": str(folder), "unit_seconds": seconds}
+            cell.update(task=task_label(unit.task, unit.size), base_task=unit.task)
             cell.update(dev=final["dev_score"], test=summary["test_final"], selected_step=summary["selected_step"])
             cell["metric"] = summary.get("metric")  # the task's (recorded since the spread reads its SD)
             cell["test_initial"] = summary.get("test_initial")
             cell["test_final_ensemble"] = summary.get(f"test_final_ensemble:{spec.ensemble}")
             cell["test_last"] = summary.get("test_last")
             cell["commit"] = timing.get("commit") if isinstance(timing, dict) else None
+            # Convergence: the last evaluation's step (a selected step there means dev was still rising) and the
+            # train loss at the end.
+            cell["last_eval_step"] = max((row["step"] for row in rows if row["split"] == "dev"), default=None)
+            cell["final_train_loss"] = next((row["loss"] for row in reversed(rows) if row["split"] == "train"), None)
             cells.append(cell)
+            for view, rule in views.items():
+                cells.append(
+                    {
+                        **cell,
+                        "method": view,
+                        "dev": summary[f"dev@{rule}"],
+                        "test": summary[f"test_final@{rule}"],
+                        "selected_step": summary[f"selected_step@{rule}"],
+                        "test_final_ensemble": summary.get(f"test_final_ensemble:{spec.ensemble}@{rule}"),
+                        "test_initial": None,
+                        "test_last": None,
+                        "selected_by": rule,
+                    }
+                )
     return cells
 
 
 def estimate_seconds(spec: StudySpec, unit: Unit, kind: str, measured: dict[tuple[str, str], float]) -> float:
     """Seconds a unit will take: the mean measured time of this (task, model)'s units so far, else a guess."""
     per_seed = measured.get((unit.task, unit.model), GUESS_SECONDS[kind])
-    return per_seed * spec.seeds
+    return per_seed * spec.seeds_for(unit.model)
 
 
 def _clock(seconds: float) -> str:
@@ -104,7 +134,7 @@ def check_unchanged(spec: StudySpec, units: list[Unit], root: Path, retrain: boo
 
 
 def _name(unit: Unit) -> str:
-    return f"{unit.task} {unit.model} {unit.method} lr={unit.lr:g}"
+    return f"{task_label(unit.task, unit.size)} {unit.model} {unit.method} lr={unit.lr:g}"
 
 
 def run_study(
@@ -130,11 +160,12 @@ def run_study(
     todo = [u for u in units if not unit_done(spec, u, root)]
     measured: dict[tuple[str, str], list[float]] = {}
     for cell in collect(spec, units, root):
-        if cell["unit_seconds"] is not None and cell["seed"] == spec.first_seed:
-            measured.setdefault((cell["task"], cell["model"]), []).append(cell["unit_seconds"] / spec.seeds)
+        if cell["unit_seconds"] is not None and cell["seed"] == spec.first_seed and cell["method"] not in VIEWS:
+            seeds = spec.seeds_for(cell["model"])
+            measured.setdefault((cell["base_task"], cell["model"]), []).append(cell["unit_seconds"] / seeds)
     means = {key: sum(v) / len(v) for key, v in measured.items()}
     left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in todo) / min(workers, max(len(todo), 1))
-    print(f"[study] {len(units)} units ({len(units) - len(todo)} done), {spec.seeds} seeds each; ~{_clock(left)} left")
+    print(f"[study] {len(units)} units ({len(units) - len(todo)} done); ~{_clock(left)} left")
     if dry_run:
         for i, unit in enumerate(units, 1):
             state = "done" if unit not in todo else f"~{_clock(estimate_seconds(spec, unit, kinds[unit.model], means))}"
@@ -153,7 +184,7 @@ def run_study(
             print(f"[study] [{n}/{len(batch)}] {_name(unit)}: finished by another process", flush=True)
             continue
         tests = [read_summary(d)["test_final"] for d in replica_dirs(spec, unit, root)]
-        means[(unit.task, unit.model)] = seconds / spec.seeds  # the newest unit is the best guess for the next
+        means[(unit.task, unit.model)] = seconds / spec.seeds_for(unit.model)  # the newest is the best guess
         left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in batch[n:]) / workers
         print(
             f"[study] [{n}/{len(batch)}] {_name(unit)}: {_clock(seconds)}, test {sum(tests) / len(tests):.4f} over "

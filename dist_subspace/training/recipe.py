@@ -262,6 +262,7 @@ class Recipe(FinishStage):
         mode = mode or self.cfg.eval.mode
         examples = [s.dev if split == "dev" else s.test for s in self.splits]
         desc = f"{split} {mode}" if self.cfg.train.progress and split == "test" else None
+        clock = time.perf_counter()
         results = evaluate_replicas(
             self.model,
             self.engine,
@@ -273,8 +274,10 @@ class Recipe(FinishStage):
             self.cfg.simplex.sampling,
             desc=desc,
         )
+        seconds = time.perf_counter() - clock  # one stacked pass for every replica: the same in each row
         if record:
-            self.metrics.record(self.step, split, [{k: v for k, v in r.items() if k != "samples"} for r in results])
+            rows = [{**{k: v for k, v in r.items() if k != "samples"}, "seconds": seconds} for r in results]
+            self.metrics.record(self.step, split, rows)
         return results
 
     def _select(self, last_dev: list[dict]) -> None:

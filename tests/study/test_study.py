@@ -5,6 +5,7 @@ import math
 import re
 import shutil
 import statistics
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -67,8 +68,8 @@ def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_ass
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert study_main([*_spec(tmp_path, small_assets, whole), "--launcher", "submitit-local", "--workers", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "training 3 unit(s) through submitit-local" in printed
-    assert len(list((whole / "submitit").glob("*_result.pkl"))) == 3  # three jobs ran
+    assert "training 2 unit(s) through submitit-local" in printed  # k3_sampled is read from k3's runs
+    assert len(list((whole / "submitit").glob("*_result.pkl"))) == 2  # two jobs ran
     table = _table(whole)
     (model,) = table["table"]
     rows = table["table"][model]
@@ -84,7 +85,9 @@ def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_ass
     assert spread["seeds"] == 2 and 0 <= spread["cos2"] <= 1 and spread["sampled_dev_sd"] >= 0
     sampled = next(c for c in record["cells"] if c["method"] == "k3_sampled")
     config = load_config(Path(sampled["folder"]) / "config.yaml")
-    assert config.eval.select_by == "sampled:2" and config.eval.extra_test_modes == ["ensemble:2"]
+    assert sampled["folder"] == next(c["folder"] for c in record["cells"] if c["method"] == "k3" and c["seed"] == 0)
+    assert config.eval.also_select_by == ["sampled:2"] and config.eval.extra_test_modes == ["ensemble:2"]
+    assert record["questions"][model]["selection"]["all"]["pairs"] == 2  # k3_sampled − k3, the same runs
     for cell in record["cells"]:  # each run's selected step is its best dev row under its own rule (first on ties)
         rule = "sampled:2" if cell["method"] == "k3_sampled" else "centroid"
         rows = [json.loads(line) for line in (Path(cell["folder"]) / "metrics.jsonl").read_text().splitlines()]
@@ -115,7 +118,7 @@ def test_study_fanned_out_interrupted_and_resumed_gives_the_same_table(small_ass
 
     # --dry-run on a finished study: nothing left
     assert study_main([*_spec(tmp_path, small_assets, broken), "--dry-run"]) == 0
-    assert "3 units (3 done)" in capsys.readouterr().out
+    assert "2 units (2 done)" in capsys.readouterr().out
 
 
 def test_learning_rate_is_picked_on_dev_and_paired_test():
@@ -307,3 +310,88 @@ def test_a_claimed_unit_is_not_trained_again_and_a_changed_spec_is_refused(small
     assert max(json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines()) == 4
     (old,) = (out / "replaced").rglob("summary.json")
     assert old.read_text() == summary
+
+
+def test_sizes_seeds_and_restrictions_shape_the_grid(tmp_path):
+    """Each task at each size (folders TASK/SIZE/...), a slow model with fewer seeds and fewer tasks, a method on one
+    model only; k3_sampled adds a rule to k3's runs instead of a unit of its own."""
+    from dist_subspace.study.spec import plan_units, replica_dirs
+
+    spec = StudySpec(
+        tasks=["rotten_tomatoes", "snli"],
+        models=["a", "b"],
+        methods=["k1", "k3", "k3_sampled", "k3_beta0"],
+        sizes={"n100": {"data.protocol": "stratified"}, "k16": {"data.shots_per_class": 16}},
+        seeds=10,
+        model_seeds={"b": 5},
+        model_tasks={"b": ["snli"]},
+        method_models={"k3_beta0": ["a"]},
+        task_overrides={"snli@k16": {"data.dev_size": 48}},
+    )
+    units = plan_units(spec, {"a": "encoder", "b": "decoder"})
+    assert len(units) == 2 * 2 * 3 + 1 * 2 * 2  # a: 2 tasks x 2 sizes x (k1, k3, k3_beta0); b: snli x 2 x (k1, k3)
+    assert {u.method for u in units} == {"k1", "k3", "k3_beta0"}
+    unit = Unit("snli", "b", "k3", 0.01, "k16")
+    (run,) = run_overrides(spec, unit, tmp_path)
+    assert run["simplex.replicas"] == 5 and run["eval.also_select_by"] == ["sampled:8"]
+    assert run["data.shots_per_class"] == 16 and run["data.dev_size"] == 48
+    assert unit.folder(tmp_path) == tmp_path / "snli" / "k16" / "b" / "k3" / "lr-0.01"
+    assert len(replica_dirs(spec, unit, tmp_path)) == 5
+    assert spec.task_labels() == ["rotten_tomatoes@n100", "rotten_tomatoes@k16", "snli@n100", "snli@k16"]
+    with pytest.raises(ConfigError, match="model_tasks names 'c'"):
+        StudySpec(models=["a"], model_tasks={"c": ["rotten_tomatoes"]})
+
+
+def _cells(methods: dict[str, list[float]], task="t", model="m", **extra) -> list[dict]:
+    return [
+        {"task": task, "model": model, "method": m, "lr": 0.01, "seed": s, "dev": 0.5, "test": v, **extra}
+        for m, values in methods.items()
+        for s, v in enumerate(values)
+    ]
+
+
+def test_a_cell_selected_at_its_last_evaluation_on_most_seeds_is_marked_not_converged():
+    from dist_subspace.study.report import markdown, summarise
+
+    spec = StudySpec(tasks=["t"], models=["m"], methods=["k1", "k3"], seeds=4)
+    cells = _cells({"k1": [0.6, 0.7, 0.8, 0.7], "k3": [0.6, 0.7, 0.8, 0.7]}, last_eval_step=40, final_train_loss=0.2)
+    for c, step in zip(cells, [40, 40, 40, 10, 40, 10, 10, 30], strict=True):
+        c["selected_step"] = step  # k1: 3 of 4 at the last evaluation; k3: 1 of 4
+    rows = summarise(spec, cells)["table"]["m"]
+    assert rows["k1"]["t"]["at_last"] == 0.75 and not rows["k1"]["t"]["converged"]
+    assert rows["k3"]["t"]["at_last"] == 0.25 and rows["k3"]["t"]["converged"]
+    assert rows["k1"]["t"]["final_loss"] == pytest.approx(0.2)
+    text = markdown(spec, summarise(spec, cells))
+    assert "loss 0.200, last 75 % **not converged**" in text and "last 25 % |" in text
+
+
+def test_the_questions_pair_seeds_per_task_and_correct_over_sizes(tmp_path):
+    """Two sizes, two tasks, 3 seeds: k3 − k1 is +1 point on every pair at n100 and 0 at n500; the per-seed mean over
+    tasks has a zero-width interval; Holm multiplies over the model's questions; the gain plot is drawn."""
+    from dist_subspace.study.questions import answer, plot_gain_by_size
+    from dist_subspace.study.report import method_scores
+
+    spec = StudySpec(tasks=["t1", "t2"], models=["m"], methods=["k1", "k3"], seeds=3, sizes={"n100": {}, "n500": {}})
+    cells = []
+    for task in spec.task_labels():
+        gain = 0.01 if task.endswith("n100") else 0.0
+        cells += _cells({"k1": [0.5, 0.6, 0.7], "k3": [0.5 + gain, 0.6 + gain, 0.7 + gain]}, task=task)
+    answers = answer(spec, method_scores(cells, spec))["m"]["simplex"]
+    assert answers["n100"]["mean_diff"] == pytest.approx(0.01) and answers["n500"]["mean_diff"] == pytest.approx(0)
+    assert answers["n100"]["by_seed"]["ci95"] == pytest.approx([0.01, 0.01])
+    assert answers["all"]["mean_diff"] == pytest.approx(0.005) and answers["n100"]["p"] == pytest.approx(2 / 64)
+    assert answers["n100"]["p_holm"] == pytest.approx(min(1, 3 * answers["n100"]["p"]))
+    assert plot_gain_by_size(spec, {"m": {"simplex": answers}}, tmp_path / "gain.png")
+    assert (tmp_path / "gain.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_spec_changed_after_results_is_listed_with_what_changed():
+    from dist_subspace.study.report import spec_hash, spec_history
+
+    old = StudySpec(tasks=["t"], models=["m"], seeds=5)
+    new = StudySpec(tasks=["t"], models=["m"], seeds=10)
+    previous = {"spec": asdict(old), "spec_hash": spec_hash(old), "cells": [{}]}
+    (entry,) = spec_history(new, previous)
+    assert entry["changed"] == {"seeds": [5, 10]} and entry["from"] == spec_hash(old) != entry["to"]
+    assert spec_history(old, previous) == []  # unchanged
+    assert spec_history(new, {**previous, "cells": []}) == []  # no results yet: a change is free
