@@ -1,12 +1,13 @@
 """The families beyond Llama: Gemma 2/3 (sliding windows, head_dim from the config, one key/value head), Phi-3
-(fused qkv), GPT-NeoX (partial rotary), Mixtral and Qwen2-MoE (experts), and the refusals (DeBERTa-v2)."""
+(fused qkv), GPT-NeoX (partial rotary), Mixtral and Qwen2-MoE (experts), and the refusals (DeBERTa-v2); MPNet's
+2-process ZeRO-3 run rides in the same launch (its own checks: tests/test_mpnet.py)."""
 
 import json
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, DebertaV2Config, DebertaV2Model, GPT2Config, GPT2LMHeadModel
+from transformers import AutoModel, AutoModelForCausalLM, DebertaV2Config, DebertaV2Model, GPT2Config, GPT2LMHeadModel
 
 from dist_subspace.core import simplex
 from dist_subspace.core.arch import prefix_geometry, sliding_window
@@ -160,8 +161,8 @@ def test_every_new_family_loads_through_the_auto_class(tmp_path):
 # ---- K = 3 under 2-process ZeRO-3, launched as 2 nodes x 1 process through the multi-node Accelerate YAML ----------
 @pytest.fixture(scope="module")
 def zero3_families(tmp_path_factory):
-    """Every new family trained by tests/zero3_checks.py under ZeRO-3 (engine.deepspeed=zero3_bf16: fp32 on CPU),
-    with `accelerate launch --config_file launch/accelerate/multinode_zero3.yaml` run once per "node"."""
+    """Every new family, and MPNet, trained by tests/zero3_checks.py under ZeRO-3 (engine.deepspeed=zero3_bf16: fp32 on
+    CPU), with `accelerate launch --config_file launch/accelerate/multinode_zero3.yaml` run once per "node"."""
     from tests.two_nodes import accelerate_two_nodes
 
     root = tmp_path_factory.mktemp("zero3_families")
@@ -194,13 +195,17 @@ def test_k3_under_zero3_equals_one_process(zero3_families, family):
     zero3 = [load_file(str(out / f"{family}-rank{r}.safetensors"))["vertices"] for r in (0, 1)]
     assert torch.equal(zero3[0], zero3[1])
 
-    backbone = AutoModelForCausalLM.from_pretrained(zero3_families / "models" / family).eval()
+    folder = zero3_families / "models" / family
+    if family in zero3_checks.ENCODERS:  # MPNet: the prefix through its self-attention, a simplex head
+        backbone = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    else:
+        backbone = AutoModelForCausalLM.from_pretrained(folder).eval()
     gathered = load_file(str(out / f"{family}-gathered.safetensors"))
     plain = dict(backbone.named_parameters())
     assert gathered.keys() == plain.keys()
     assert all(torch.equal(gathered[n], plain[n]) for n in plain)
 
-    model = PrefixSubspaceModel(backbone, zero3_checks.K, zero3_checks.P, label_token_ids=zero3_checks.LABELS)
+    model = zero3_checks.make_model(backbone, family)
     with torch.no_grad():
         model.simplex.vertices.copy_(zero3_checks.start_vertices(model))
     losses = zero3_checks.train_steps(model, 0, 1, lambda params, loss: loss)

@@ -6,6 +6,8 @@
 ``families``: each tiny backbone in MODELS_DIR/<family> loads through ``Engine.load_backbone`` (partitioned at
 construction), trains a K = 3 simplex a few steps (each rank its half of the batch), and writes its final
 vertices, what it holds, and (rank 0) every backbone parameter gathered after training (frozen, really loaded).
+The decoders classify with a verbalizer; MPNet, an encoder whose self-attention takes the prefix itself (no cache,
+core/mpnet.py), with a simplex head.
 ``sharded-load``: a checkpoint in several safetensors shards loads through ``Engine.load_backbone`` while a thread
 samples this process's memory; every parameter is gathered and compared bit for bit with the shards.
 Each rank writes ``OUT_DIR/<name>-rank<R>.json`` (and ``.safetensors`` for the vertices).
@@ -24,9 +26,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
 
-FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe"]
+FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe", "mpnet"]
+ENCODERS = {"mpnet"}
 K, P, STEPS, GLOBAL_BATCH, SEQ = 3, 4, 3, 4, 12  # SEQ + P > the tiny configs' window of 8
 LABELS = [5, 6, 7]
 
@@ -61,6 +64,18 @@ def train_steps(model: PrefixSubspaceModel, rank: int, world: int, reduce) -> li
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return losses
+
+
+def make_model(backbone: torch.nn.Module, family: str) -> PrefixSubspaceModel:
+    """K = 3 over ``backbone``: a verbalizer over LABELS for a decoder; for an encoder a simplex head over as many
+    classes, from a fixed seed (the same on every rank and in one process)."""
+    if family not in ENCODERS:
+        return PrefixSubspaceModel(backbone, K, P, label_token_ids=LABELS)
+    model = PrefixSubspaceModel(backbone, K, P, num_outputs=len(LABELS))
+    start = initial_head(K, model.config.hidden_size, len(LABELS), seed=0)
+    model.simplex.head.weight.data.copy_(start["weight"])
+    model.simplex.head.bias.data.copy_(start["bias"])
+    return model
 
 
 def start_vertices(model: PrefixSubspaceModel) -> torch.Tensor:
@@ -106,8 +121,8 @@ def families(models: Path, out: Path) -> None:
 
     engine = zero3_engine()
     for family in FAMILIES:
-        backbone = engine.load_backbone(str(models / family), decoder=True)
-        model = PrefixSubspaceModel(backbone, K, P, label_token_ids=LABELS).place(engine.device)
+        backbone = engine.load_backbone(str(models / family), decoder=family not in ENCODERS)
+        model = make_model(backbone, family).place(engine.device)
         model.backbone = engine.wrap_backbone(backbone)
         with torch.no_grad():
             model.simplex.vertices.copy_(engine.broadcast_(start_vertices(model).contiguous()))
