@@ -98,6 +98,8 @@ def _protocol(cfg: Config) -> str:
     d = cfg.data
     if d.protocol == "kshot":
         drawn = f"{d.shots_per_class} examples per class for train and {d.shots_per_class} per class for dev"
+    elif d.protocol == "stratified":
+        drawn = f"{d.train_size} training examples and {d.dev_size} dev examples, each stratified by class"
     else:
         drawn = f"the first {d.first_n} shuffled training examples for train and the next {d.dev_size} for dev"
     test = f"up to {d.test_size} test examples" if d.test_size else "the whole test split"

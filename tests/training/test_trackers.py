@@ -180,6 +180,14 @@ def test_a_lora_encoder_card_has_no_peft_prefix_and_parses():
     assert "| the last step, no selection (step 40) | `centroid` | 0.7000 |" in card
 
 
+def test_the_card_says_how_a_stratified_run_drew_its_examples():
+    cfg = load_config(None, ["data.protocol=stratified", "data.train_size=100", "data.dev_size=1000"])
+    splits = FewShotSplits(TASKS["sst2"], [{}] * 100, [{}] * 1000, [{}] * 872)
+    summary = {"test_initial": 0.5, "test_final": 0.75, "selected_step": 30, "mode": "centroid"}
+    card = render_card(cfg, CardFacts("runs/s", "decoder", 30, splits, summary, 0.8, "python -m x", versions={}))
+    assert "`stratified`: 100 training examples and 1000 dev examples, each stratified by class" in card
+
+
 # ---- real runs, read back --------------------------------------------------------------------------
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
