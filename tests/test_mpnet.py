@@ -311,3 +311,15 @@ def test_real_all_mpnet_base_v2_k3_forward_backward():
         with mpnet.prefixed(backbone, prefix, torch.zeros(len(ids), 8, dtype=torch.bool)):
             hidden_out = backbone(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state
         torch.testing.assert_close(hidden_out, hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_max_length_is_checked_against_mpnets_positions_which_start_after_the_pad():
+    """MPNet numbers positions from pad_token_id + 1 (as RoBERTa does): 514 positions hold 512 tokens."""
+    from dist_subspace.core.config import ConfigError
+    from dist_subspace.training.preflight import check_context
+
+    config = ENCODER_CONFIGS["mpnet"]()
+    config.max_position_embeddings, config.pad_token_id = 514, 1
+    check_context(config, 512, 8, decoder=False)
+    with pytest.raises(ConfigError, match="lower model.max_length to at most 512"):
+        check_context(config, 513, 8, decoder=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 from safetensors import safe_open
 
-from dist_subspace.core.arch import PrefixGeometry
+from dist_subspace.core.arch import PrefixGeometry, arch_spec
 from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.core.embedded import EMBEDDED_MODELS, resolve_model
 from dist_subspace.training.checkpoint import CheckpointError, latest_checkpoint, read_tensors, verify_folder
@@ -250,11 +250,11 @@ def check_train(cfg: Config) -> None:
 
 def check_context(model_config, max_length: int, prefix_length: int, decoder: bool) -> None:
     """``model.max_length`` fits the model's positions: decoders place the input after the P prefix tokens;
-    encoders keep positions 0..S-1 (RoBERTa starts at ``pad_token_id + 1``)."""
+    encoders keep positions 0..S-1 (RoBERTa and MPNet start at ``pad_token_id + 1``)."""
     limit = getattr(model_config, "max_position_embeddings", None)
     if not limit:
         return
-    if model_config.model_type == "roberta":
+    if arch_spec(model_config).positions == "padding_offset":  # RoBERTa, MPNet: positions start at pad + 1
         limit -= model_config.pad_token_id + 1
     need = max_length + (prefix_length if decoder else 0)
     if need > limit:
