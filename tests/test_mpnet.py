@@ -321,5 +321,5 @@ def test_max_length_is_checked_against_mpnets_positions_which_start_after_the_pa
     config = ENCODER_CONFIGS["mpnet"]()
     config.max_position_embeddings, config.pad_token_id = 514, 1
     check_context(config, 512, 8, decoder=False)
-    with pytest.raises(ConfigError, match="lower model.max_length to at most 512"):
+    with pytest.raises(ConfigError, match=r"lower model\.max_length to at most 512"):
         check_context(config, 513, 8, decoder=False)
