@@ -46,6 +46,7 @@ def _pilot_unit(spec: StudySpec, units: list[Unit], model: str, task: str) -> Un
 def _time_run(run: dict[str, Any], log: Path) -> float:
     """Run one pilot training in a fresh process; its wall seconds (a failure raises with the log's place)."""
     start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         command = [sys.executable, "-m", "dist_subspace.train", *as_overrides(run)]
         code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
