@@ -17,7 +17,8 @@ from benchmarks.attention_steps import (
 )
 from benchmarks.timing import Step
 from dist_subspace.core import attention
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 
 LLAMA_SHAPE = dict(
     hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000

@@ -17,7 +17,8 @@ from torch import nn
 
 from benchmarks.timing import Step, interleaved_times, ratio
 from dist_subspace.core import attention
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, last_real_token_only
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, last_real_token_only
 
 
 @dataclass

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from benchmarks.timing import interleaved_times, ratios
 from dist_subspace.core import simplex
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 
 
 def _model(path: str, dtype: torch.dtype, decoder: bool, words, classes: int, prefix: int) -> PrefixSubspaceModel:

@@ -52,7 +52,8 @@ def _overrides(model: str, examples: int, out: Path) -> list[str]:
 def _worker(result_path: str, model: str, examples: int, points: int, batch: int, rounds: int) -> None:
     """One rank: build the model as the trainer does, then time both sides ``rounds`` times."""
     from dist_subspace.core.config import load_config
-    from dist_subspace.evaluation.scoring import Query, mode_points, model_outputs
+    from dist_subspace.evaluation.points import Query, mode_points
+    from dist_subspace.evaluation.scoring import model_outputs
     from dist_subspace.training.recipe import Recipe
 
     cfg = load_config(None, _overrides(model, examples, Path(result_path).parent / "run"))

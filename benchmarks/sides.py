@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dist_subspace.core.arch import prefix_geometry
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.core.paths import CHECKOUT
 
 if TYPE_CHECKING:

@@ -1,6 +1,7 @@
 """Prefix subspaces: a simplex of K prefixes over a frozen transformers model (see README.md)."""
 
-from dist_subspace.core.model import PrefixSimplex, PrefixSubspaceModel, SimplexHead, initial_vertices, prefix_cache
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSimplex, PrefixSubspaceModel, SimplexHead, prefix_cache
 from dist_subspace.core.simplex import (
     centroid_alpha,
     cosine_regulariser,

@@ -282,7 +282,8 @@ def predict_chunks(run, chunks: Iterable[Sequence[Example]], mode: str, batch_si
     import torch
 
     from dist_subspace.data.batching import Collator
-    from dist_subspace.evaluation.scoring import Query, from_offset, mode_points, model_outputs
+    from dist_subspace.evaluation.points import Query, from_offset, mode_points
+    from dist_subspace.evaluation.scoring import model_outputs
 
     kind, number = check_mode(mode)
     points = mode_points(run.model, kind, number, run.cfg.simplex.sampling)

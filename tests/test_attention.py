@@ -8,7 +8,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from dist_subspace.core import attention, simplex
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, prefix_cache
 from tests.conftest import _COMMON, DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 from tests.test_model import P, make, random_alpha
 

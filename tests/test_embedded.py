@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from dist_subspace.core.embedded import resolve_model
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
 

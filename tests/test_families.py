@@ -12,7 +12,8 @@ from transformers import AutoModel, AutoModelForCausalLM, DebertaV2Config, Deber
 from dist_subspace.core import simplex
 from dist_subspace.core.arch import prefix_geometry, sliding_window
 from dist_subspace.core.export import peft_prefix_config, peft_prefix_weight
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, prefix_cache
 from tests import zero3_checks
 from tests.conftest import DECODER_CONFIGS, WINDOW, run_args, tiny_backbone
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from dist_subspace.core import mpnet, simplex
 from dist_subspace.core.arch import ArchSpec, arch_spec, input_position_ids
 from dist_subspace.core.export import peft_prefix_weight
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices, prefix_cache
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel, prefix_cache
 from tests.conftest import DECODER_CONFIGS, ENCODER_CONFIGS, WINDOW, tiny_backbone
 
 FAMILIES = [*DECODER_CONFIGS, *ENCODER_CONFIGS]

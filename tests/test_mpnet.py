@@ -18,7 +18,8 @@ from transformers.models.mpnet.modeling_mpnet import MPNetSelfAttention, create_
 
 from dist_subspace.core import embedded, mpnet, simplex
 from dist_subspace.core.arch import arch_spec, input_position_ids, prefix_geometry
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from tests.conftest import ENCODER_CONFIGS, tiny_backbone
 
 P = 4

@@ -139,7 +139,8 @@ def test_every_vertex_starts_at_the_adapter_plus_the_usual_spread(small_assets, 
 
     from dist_subspace.core.config import ConfigError, load_config
     from dist_subspace.core.export import load_peft_prefix
-    from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+    from dist_subspace.core.initialise import initial_vertices
+    from dist_subspace.core.model import PrefixSubspaceModel
     from dist_subspace.training.assembly import start_vertices
 
     model_dir, _ = small_assets

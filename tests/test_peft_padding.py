@@ -5,7 +5,8 @@ import torch
 
 from dist_subspace.core import simplex
 from dist_subspace.core.export import peft_prefix_weight
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from tests.conftest import tiny_backbone
 
 P = 4

@@ -55,7 +55,8 @@ def reference(run, inputs):
     """What evaluate's model outputs give for the same texts, scored as one list: the centroid's probabilities
     ``[N, C]`` and the 4 ensemble points' ``[4, N, C]``."""
     from dist_subspace.core import simplex
-    from dist_subspace.evaluation.scoring import Query, mode_points, model_outputs
+    from dist_subspace.evaluation.points import Query, mode_points
+    from dist_subspace.evaluation.scoring import model_outputs
     from dist_subspace.training.reload import finished_run_config, load_finished_run
 
     loaded = load_finished_run(run, finished_run_config(run))

@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.core.initialise import initial_head, initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 
 FAMILIES = ["gemma2", "gemma3_text", "phi3", "gpt_neox", "mixtral", "qwen2_moe", "mpnet"]
 ENCODERS = {"mpnet"}

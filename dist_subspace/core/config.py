@@ -7,10 +7,7 @@ loaded runs here (``__post_init__``), so a bad run fails in a second, not after 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,11 +15,11 @@ from typing import Any
 import yaml
 
 from dist_subspace.core.files import write_atomic
+from dist_subspace.core.parsing import ConfigError, build_dataclass, load_tree
 from dist_subspace.core.simplex import GRANULARITIES, REGULARISERS
 
-
-class ConfigError(ValueError):
-    """A configuration mistake; the message says how to fix it."""
+# A generation task's main metric, of decoded text against the reference (data.metric); data/tasks.py reads it here.
+GENERATION_METRICS = ("rougeL", "bleu", "chrf", "exact_match")
 
 
 @dataclass
@@ -103,8 +100,15 @@ class DataConfig:
     label_words: list[str] | None = None
     template: str | None = None
     data_files: dict[str, str] | None = None  # split -> local file, in place of a hub download
+    # generation from a user's file: prompt and response columns, or a column of chat records (message lists)
+    prompt_field: str = "prompt"
+    response_field: str | None = None
+    messages_field: str | None = None
+    metric: str | None = None  # a generation task's main metric: rougeL, bleu, chrf or exact_match
 
     def __post_init__(self) -> None:
+        if self.metric is not None:
+            _choice("data.metric", self.metric, GENERATION_METRICS)
         _choice("data.protocol", self.protocol, ("kshot", "first_n", "stratified"))
         if self.protocol == "kshot":
             _positive("data.shots_per_class", self.shots_per_class)
@@ -225,6 +229,12 @@ class EvalConfig:
     initial_test: bool = True  # score test at the initial centroid before training
     extra_test_modes: list[str] = field(default_factory=list)  # more modes to score test in at the end
     test_last: bool = False  # also score test with the last step's simplex (no dev selection), in eval.mode
+    # generation tasks: test is decoded (and dev too with dev_generation); select_metric picks checkpoints (default:
+    # the teacher-forced dev loss; a generation metric such as rougeL decodes dev at every evaluation)
+    max_new_tokens: int = 32
+    num_beams: int = 1  # > 1: beam search at each point (transformers' generate); 1: greedy
+    dev_generation: bool = False
+    select_metric: str | None = None
 
     def selection_rules(self) -> list[str]:
         """The rules that keep a best checkpoint: ``select_by`` (final/) first, then ``also_select_by``."""
@@ -238,6 +248,11 @@ class EvalConfig:
         for i, mode in enumerate(self.also_select_by):
             check_eval_mode(mode, f"eval.also_select_by[{i}]")
         _positive("eval.landscape_resolution", self.landscape_resolution)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.num_beams", self.num_beams)
+        if self.select_metric is not None:
+            _choice("eval.select_metric", self.select_metric, ("loss", *GENERATION_METRICS))
+            self.dev_generation = self.dev_generation or self.select_metric != "loss"  # it needs dev decoded
         if self.landscape_examples < -1:
             raise ConfigError(f"eval.landscape_examples must be -1, 0 or a count (got {self.landscape_examples})")
 
@@ -306,115 +321,11 @@ def _positive(key: str, value: int) -> None:
         raise ConfigError(f"{key} must be >= 1 (got {value})")
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against a field's annotation; YAML-parse strings from the command line."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        if len(inner) == 1:
-            return _coerce(key, value, inner[0])
-        for alternative in inner:  # the first type the value fits (``list[str] | str``: a list, or a string)
-            try:
-                return _coerce(key, value, alternative)
-            except ConfigError:
-                pass
-        names = " or ".join(str(a) if typing.get_origin(a) else a.__name__ for a in inner)
-        raise ConfigError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif origin is list:
-        if isinstance(value, list):
-            return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            return {str(k): _coerce(f"{key}.{k}", v, args[1]) for k, v in value.items()}
-    else:
-        return value
-    name = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{key} must be {name}, got {value!r} ({type(value).__name__})")
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in values.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
-            raise ConfigError(f"unknown config key {prefix + key!r}{hint}")
-        if dataclasses.is_dataclass(hints[key]):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{prefix}{key} is a section; give it as a mapping, e.g. {prefix}{key}.x=...")
-            kwargs[key] = _build(hints[key], value, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _coerce(f"{prefix}{key}", value, hints[key])
-    return cls(**kwargs)
-
-
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *path, last = dotted.split(".")
-    node = tree
-    for part in path:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
-    node[last] = value
-
-
-def load_tree(path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), what: str = "config") -> dict:
-    """A YAML mapping from an optional file, then dotted ``key=value`` overrides (values parsed as YAML)."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{what} file {str(path)!r} does not exist; pass an existing YAML file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{what} file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{what} file {str(path)!r} must hold a mapping of keys")
-    for item in overrides:
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. simplex.vertices=4")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"override {item!r}: the value is not valid YAML; quote it") from None
-        _set_dotted(tree, key.strip(), value)
-    return tree
-
-
-def build_dataclass(cls: type, tree: dict[str, Any]) -> Any:
-    """``cls`` (a dataclass, possibly of dataclass sections) from a mapping; unknown keys and wrong types are
-    refused by name with a hint."""
-    return _build(cls, tree, "")
-
-
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """A :class:`Config` from an optional YAML file, then ``section.key=value`` overrides (YAML values)."""
     if path is not None and not Path(path).is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-    return _build(Config, load_tree(path, overrides), "")
+    return build_dataclass(Config, load_tree(path, overrides))
 
 
 def save_config(config: Config, path: Path) -> None:

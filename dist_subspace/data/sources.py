@@ -101,6 +101,49 @@ def _local_source(
     return task, sources
 
 
+def _generation_source(
+    name: str, files: dict[str, str], prompt: str | None, response: str | None, messages: str | None
+) -> tuple[TaskSpec, Sources]:
+    """A user's generation files (``split -> path``): prompt and response columns, or chat records (a column of
+    message lists, ``{"role", "content"}`` each, the last the assistant's answer: the response)."""
+    sources = {}
+    for split, path in files.items():
+        frame = read_table(path)
+        if messages is not None:
+            require_columns(frame, path, messages_field=messages)
+            sources[split] = chat_examples(frame[messages].tolist(), path)
+        else:
+            require_columns(frame, path, prompt_field=prompt, response_field=response)
+            sources[split] = [
+                {"text": t, "text_pair": None, "label": y, "id": i}
+                for i, (t, y) in enumerate(zip(frame[prompt].tolist(), frame[response].tolist(), strict=True))
+            ]
+            for e in sources[split]:
+                for column, value in ((prompt, e["text"]), (response, e["label"])):
+                    if not isinstance(value, str) or not value.strip():
+                        raise ValueError(f"{path}: row {e['id']} has an empty {column!r}; fill or remove such rows")
+    return TaskSpec(name, (), (), "{text}", "rougeL", generation=True), sources
+
+
+def chat_examples(records: Sequence, where: str) -> list[Example]:
+    """Chat records -> examples: ``messages`` all but the last (the prompt, through the tokenizer's chat template),
+    ``label`` the last one's content (an assistant's answer: the response)."""
+    examples = []
+    for i, record in enumerate(records):
+        record = list(record) if record is not None and not isinstance(record, str) else None
+        ok = record and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in record)
+        if not ok or record[-1]["role"] != "assistant" or not str(record[-1]["content"]).strip():
+            raise ValueError(
+                f"{where}: row {i} is not a chat record ending with the assistant's answer: a list of "
+                '{"role", "content"} messages whose last is {"role": "assistant", "content": "..."}'
+            )
+        prompt = [{"role": m["role"], "content": str(m["content"])} for m in record[:-1]]
+        examples.append(
+            {"text": "", "text_pair": None, "messages": prompt, "label": str(record[-1]["content"]), "id": i}
+        )
+    return examples
+
+
 # ---- protocols -----------------------------------------------------------------------------------
 def kshot_indices(
     labels: Sequence[int],
@@ -186,6 +229,11 @@ def _split(
     seed: int,
 ) -> FewShotSplits:
     """Apply a protocol: train/dev from the training split; test = the validation split, else held out of it."""
+    if task.generation and protocol != "first_n":
+        raise ValueError(
+            f"task {task.name} generates text: a response has no class to draw per class or stratify by; use "
+            "data.protocol=first_n data.first_n=N (and data.dev_size)"
+        )
     pool_name = "train" if "train" in sources else "all" if "all" in sources else None
     if pool_name is None:
         raise ValueError(f"task {task.name}: no 'train' split among {sorted(sources)}; give data.data_files a 'train'")
@@ -260,6 +308,10 @@ def load_splits(
     label_words: list[str] | None = None,
     template: str | None = None,
     data_files: dict[str, str] | None = None,
+    prompt_field: str | None = None,
+    response_field: str | None = None,
+    messages_field: str | None = None,
+    metric: str | None = None,
 ) -> FewShotSplits:
     """The train/dev/test examples of a run (the ``data.*`` config keys).
 
@@ -304,7 +356,10 @@ def load_splits(
         if is_file and data_files is not None:
             raise ValueError("give either a local file as data.task or data.data_files, not both")
         files = {"all": name} if is_file else data_files
-        spec, sources = _local_source(name, files, text_field, text_pair_field, label_field, label_words)
+        if response_field is not None or messages_field is not None:
+            spec, sources = _generation_source(name, files, prompt_field, response_field, messages_field)
+        else:
+            spec, sources = _local_source(name, files, text_field, text_pair_field, label_field, label_words)
         if template:
             spec = dataclasses.replace(spec, template=template)
     else:
@@ -312,4 +367,8 @@ def load_splits(
             f"unknown task {task!r}; registered: {sorted(TASKS)}, or a local file ending in "
             f"{'/'.join(LOCAL_SUFFIXES)}, or any name with data.data_files"
         )
+    if metric is not None:  # a generation task's main metric (rougeL, bleu, chrf, exact_match)
+        if not spec.generation:
+            raise ValueError(f"data.metric is for generation tasks; {spec.name} scores {spec.metric}")
+        spec = dataclasses.replace(spec, metric=metric)
     return _split(spec, sources, protocol, shots_per_class, first_n, train_size, dev_size, test_size, seed)

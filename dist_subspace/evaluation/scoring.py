@@ -14,52 +14,23 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from dist_subspace.core import simplex
 from dist_subspace.core.config import check_eval_mode
 from dist_subspace.core.files import write_json
 from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator
 from dist_subspace.data.tasks import Example, TaskSpec
+from dist_subspace.evaluation.decoding import DecodeQuery, Decoding, decode_texts, mean_token_entropy
 from dist_subspace.evaluation.metrics import compute_metrics, predict
-
-EVAL_SEED = 0x5EED  # sampled evaluation points are fixed: the same run always scores the same points
-
-# A point: ``[K]`` (one point), ``[L(+1), K]`` (one point per layer), or a function of the batch's example
-# indices ``[B]`` returning ``[B, K]`` / ``[B, L(+1), K]`` (a point per example, see :func:`sampled_points`).
-Point = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Query:
-    """Score ``examples`` at ``point`` with the simplex of seed replica ``replica``."""
-
-    examples: Sequence[Example]
-    point: Point
-    replica: int = 0
-
-
-def _shard(n: int, rank: int, world: int) -> list[int]:
-    per_rank = math.ceil(n / world) if n else 0
-    mine = list(range(rank, n, world))
-    return mine + mine[: per_rank - len(mine)] if mine else [0] * per_rank
+from dist_subspace.evaluation.points import Point, Query, mode_points, rows_alpha, shard
 
 
 def _length(example: Example) -> int:
     return len(example["text"]) + len(example.get("text_pair") or "")
-
-
-def _rows_alpha(point: Point, index: torch.Tensor, rows: int) -> torch.Tensor:
-    """A query's point for ``B`` rows with example indices ``index`` ``[B]`` -> ``[B, rows, K]``."""
-    alpha = point(index) if callable(point) else point.to(index.device)
-    if alpha.dim() == 2 and not callable(point):  # one point per layer, the same for every example
-        return alpha.expand(len(index), rows, -1)
-    return simplex.expand_alpha(alpha, len(index), rows)
 
 
 @torch.no_grad()
@@ -71,7 +42,8 @@ def model_outputs(
     batch_size: int,
     desc: str | None = None,
 ) -> list[torch.Tensor]:
-    """Class logits ``[N_q, C]`` (float32, on the CPU, in example order) for each query.
+    """Class logits ``[N_q, C]`` (float32, on the CPU, in example order) for each query; for a generation task each
+    example's teacher-forced response ``[N_q, 2]``: its summed negative log-likelihood and its token count.
 
     ``batch_size`` counts rows (example x query) per forward: the memory budget. ``engine`` gives ``rank``,
     ``world_size``, ``is_main`` and ``gather_objects`` (:class:`dist_subspace.training.engine.Engine`). ``desc``: show a
@@ -82,7 +54,7 @@ def model_outputs(
     # Similar lengths batch together; the rows of one example (its S points) stay side by side. The key holds only
     # values every rank agrees on (never an object's address): each rank takes its share of the same order.
     rows.sort(key=lambda r: (_length(queries[r[0]].examples[r[1]]), queries[r[0]].replica, r[1], r[0]))
-    mine = [rows[j] for j in _shard(len(rows), engine.rank, engine.world_size)]
+    mine = [rows[j] for j in shard(len(rows), engine.rank, engine.world_size)]
     device = model.simplex.vertices.device
     results: list[tuple[int, int, torch.Tensor]] = []
     starts = range(0, len(mine), batch_size)
@@ -100,9 +72,13 @@ def model_outputs(
         alpha = torch.empty(len(chunk), model.alpha_rows, model.num_vertices, device=device)
         for q in sorted({q for q, _ in chunk}):
             at = (which == q).nonzero().squeeze(1)
-            alpha[at] = _rows_alpha(queries[q].point, index[at], model.alpha_rows).to(alpha.dtype)
+            alpha[at] = rows_alpha(queries[q].point, index[at], model.alpha_rows).to(alpha.dtype)
         replica = torch.tensor([queries[q].replica for q, _ in chunk], device=device)
-        logits = model(input_ids, mask, alpha, segments, replica=replica).float().cpu()  # one copy per batch
+        if collator.task.generation:
+            labels = batch["labels"].to(device)
+            logits = torch.stack(model.response_nll(input_ids, mask, labels, alpha, replica), dim=1).cpu()  # [B, 2]
+        else:
+            logits = model(input_ids, mask, alpha, segments, replica=replica).float().cpu()  # one copy per batch
         results.extend((q, i, row) for (q, i), row in zip(chunk, logits, strict=True))
     gathered = {(q, i): t for shard in engine.gather_objects(results) for q, i, t in shard}
     return [
@@ -111,54 +87,50 @@ def model_outputs(
     ]
 
 
-def sampled_points(model: PrefixSubspaceModel, granularity: str, draw: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Per-example points of evaluation draw ``draw``: example indices ``[B]`` -> alpha (fixed seed)."""
-    step = torch.full((), draw, dtype=torch.long, device=model.simplex.vertices.device)
-    return lambda index: model.sample_alpha(step, index, granularity, seed=EVAL_SEED)
-
-
-def whole_models(model: PrefixSubspaceModel, granularity: str, count: int) -> list[torch.Tensor]:
-    """``count`` models of the subspace drawn as training draws them, each the same for every example: one
-    point per layer ``[L(+1), K]`` for ``example_layer`` sampling, one point ``[K]`` otherwise."""
-    per_model = "example_layer" if granularity == "example_layer" else "example"
-    draws = torch.arange(count, device=model.simplex.vertices.device)
-    step = torch.zeros((), dtype=torch.long, device=draws.device)
-    return list(model.sample_alpha(step, draws, per_model, seed=EVAL_SEED))
-
-
 def _probabilities(task: TaskSpec, logits: torch.Tensor) -> torch.Tensor:
     return logits if task.regression and logits.shape[-1] == 1 else logits.softmax(-1)
 
 
-def mode_points(model: PrefixSubspaceModel, kind: str, number: int | None, granularity: str) -> list[Point]:
-    """The points a mode scores (``kind``, ``number`` from :func:`check_eval_mode`): one for ``centroid`` and
-    ``vertex:I``; S draws of a point per example (and per layer, as training draws them) for ``ensemble:S`` and
-    ``sampled:S``; S whole models, each the same for every example, for ``models:S``."""
-    k = model.num_vertices
-    if kind == "centroid":
-        return [simplex.centroid_alpha(k)]
-    if kind == "vertex":
-        return [simplex.vertex_alpha(k, number)]
-    if kind in ("ensemble", "sampled"):
-        return [sampled_points(model, granularity, s) for s in range(number)]
-    return whole_models(model, granularity, number)
+def response_scores(outputs: torch.Tensor) -> dict[str, float]:
+    """A generation task's teacher-forced scores from each example's (summed NLL, tokens) ``[N, 2]``: the loss per
+    response token over the whole split (token-weighted, as training's loss) and its perplexity."""
+    loss = (outputs[:, 0].sum() / outputs[:, 1].sum().clamp(min=1)).item()
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
 
 
-def _score(task: TaskSpec, kind: str, outputs: list[torch.Tensor], labels: torch.Tensor) -> dict:
+def _score(task: TaskSpec, kind: str, outputs: list[torch.Tensor], labels: torch.Tensor | None) -> dict:
+    if task.generation:
+        if kind == "ensemble":
+            raise ValueError(
+                "ensemble:S of a generation task decodes from the mixture of its points (decoding.decode_texts); "
+                "its teacher-forced loss is not scored: use centroid, sampled:S or models:S"
+            )
+        runs = [response_scores(o) for o in outputs]
+        return runs[0] if kind not in ("sampled", "models") else _over_draws(runs, task.select_metric)
     if kind == "ensemble":
         mean = torch.stack([_probabilities(task, o) for o in outputs]).mean(0)
         logits = mean if task.regression and mean.shape[-1] == 1 else mean.log()
         return compute_metrics(task, predict(task, logits), labels)
     if kind not in ("sampled", "models"):
         return compute_metrics(task, predict(task, outputs[0]), labels)
-    runs = [compute_metrics(task, predict(task, o), labels) for o in outputs]
+    return _over_draws([compute_metrics(task, predict(task, o), labels) for o in outputs], task.metric)
+
+
+def _over_draws(runs: list[dict[str, float]], metric: str) -> dict:
+    """S draws' scores -> each score's mean and sample SD (``*_std``) over the draws, and ``samples``: ``metric``'s
+    value in each draw."""
     result = {}
     for key in runs[0]:
         values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
         result[key] = values.mean().item()
         result[f"{key}_std"] = values.std().item() if len(runs) > 1 else 0.0  # sample SD over the S draws
-    result["samples"] = [r[task.metric] for r in runs]
+    result["samples"] = [r[metric] for r in runs]
     return result
+
+
+def _labels(task: TaskSpec, examples: Sequence[Example]) -> torch.Tensor | None:
+    """The examples' labels ``[N]`` (None for generation: the reference texts are scored by decoding)."""
+    return None if task.generation else torch.tensor([e["label"] for e in examples])
 
 
 def score_replicas(
@@ -172,6 +144,7 @@ def score_replicas(
     granularity: str = "example_layer",
     desc: str | None = None,
     extra_points: Sequence[Point] = (),
+    decoding: Decoding | None = None,
 ) -> list[tuple[dict, list[torch.Tensor], list[torch.Tensor]]]:
     """Score each replica r on ``examples[r]`` under ``mode``, all in one stacked pass; per replica: the result
     (the metrics, ``mode`` and ``n``, plus ``*_std`` and ``samples`` for ``sampled:S``/``models:S``), the class
@@ -182,19 +155,60 @@ def score_replicas(
     per layer for ``example_layer``) drawn as training draws it; the metric of each draw, then their mean and
     sample SD. ``ensemble:S`` averages class probabilities over the same S points; ``models:S`` scores S whole
     models of the subspace (one point per layer, the same for every example).
+
+    A generation task scores its teacher-forced loss per response token (and perplexity) in every mode but
+    ``ensemble:S``; with ``decoding``, it also decodes each example's response at each of the mode's points (an
+    ensemble: from the mixture of its S points) and scores the texts against the references (bleu, chrf, rougeL,
+    exact_match; over the S draws of ``sampled:S``, their mean and SD, as for the loss).
     """
     kind, number = check_eval_mode(mode)
     points = mode_points(model, kind, number, granularity)
     scored = [*points, *extra_points]
-    queries = [Query(exs, p, r) for r, exs in enumerate(examples) for p in scored]
+    teacher_forced = not (task.generation and kind == "ensemble")  # a mixture's text is decoded, not scored
+    queries = [Query(exs, p, r) for r, exs in enumerate(examples) for p in scored] if teacher_forced else []
     outputs = model_outputs(model, engine, queries, collator, batch_size, desc)
+    texts = decoded_scores(model, engine, examples, collator, kind, points, decoding, batch_size) if decoding else None
     results = []
     for r, exs in enumerate(examples):
-        labels = torch.tensor([e["label"] for e in exs])
         mine = outputs[r * len(scored) : (r + 1) * len(scored)]
-        result = {**_score(task, kind, mine[: len(points)], labels), "mode": mode, "n": len(exs)}
-        results.append((result, mine[: len(points)], mine[len(points) :]))
+        result = _score(task, kind, mine[: len(points)], _labels(task, exs)) if teacher_forced else {}
+        if texts is not None:
+            result.update(texts[r])
+        results.append(({**result, "mode": mode, "n": len(exs)}, mine[: len(points)], mine[len(points) :]))
     return results
+
+
+def decoded_scores(
+    model: PrefixSubspaceModel,
+    engine,
+    examples: Sequence[Sequence[Example]],
+    collator: Collator,
+    kind: str,
+    points: Sequence[Point],
+    decoding: Decoding,
+    batch_size: int,
+) -> list[dict[str, float]]:
+    """Per replica, the generation metrics of the responses decoded at ``points`` (their mixture for an ensemble;
+    over S draws their mean and SD), with the mixture's mean entropy per token for an ensemble."""
+    from dist_subspace.evaluation.textmetrics import text_metrics
+
+    if kind == "ensemble":
+        queries = [DecodeQuery(exs, points, r) for r, exs in enumerate(examples)]
+    else:
+        queries = [DecodeQuery(exs, [p], r) for r, exs in enumerate(examples) for p in points]
+    decoded = decode_texts(model, engine, queries, collator, decoding, batch_size)
+    per_replica = len(queries) // len(examples)
+    out = []
+    for r, exs in enumerate(examples):
+        references = [e["label"].strip() for e in exs]
+        mine = decoded[r * per_replica : (r + 1) * per_replica]
+        runs = [text_metrics(d.texts, references) for d in mine]
+        scores = runs[0] if kind not in ("sampled", "models") else _over_draws(runs, "bleu")
+        scores.pop("samples", None)  # a sampled generation task's samples are its loss's (the selection metric)
+        if kind == "ensemble":
+            scores["entropy"] = mean_token_entropy(mine[0])
+        out.append(scores)
+    return out
 
 
 def evaluate_replicas(
@@ -207,9 +221,11 @@ def evaluate_replicas(
     batch_size: int = 32,
     granularity: str = "example_layer",
     desc: str | None = None,
+    decoding: Decoding | None = None,
 ) -> list[dict]:
     """Each replica's result of :func:`score_replicas` (the metrics, ``mode``, ``n``)."""
-    scored = score_replicas(model, engine, examples, collator, task, mode, batch_size, granularity, desc)
+    args = (model, engine, examples, collator, task, mode, batch_size, granularity, desc)
+    scored = score_replicas(*args, decoding=decoding)
     return [result for result, _, _ in scored]
 
 
@@ -242,15 +258,6 @@ def evaluate_with_outputs(
     :func:`score_replicas`)."""
     args = (model, engine, [examples], collator, task, mode, batch_size, granularity)
     return score_replicas(*args, extra_points=extra_points)[0]
-
-
-def from_offset(point: Point, offset: int) -> Point:
-    """``point`` for a slice of a longer example list that starts at ``offset``: a per-example point (a function
-    of example indices) sees the indices of the whole list, so scoring the list in chunks draws the points that
-    scoring it whole would."""
-    if not callable(point) or offset == 0:
-        return point
-    return lambda index: point(index + offset)
 
 
 def landscape_points(num_vertices: int, resolution: int) -> torch.Tensor:
@@ -290,20 +297,20 @@ def write_landscapes(
         return None
     paths = []
     for r, (exs, out_dir) in enumerate(zip(examples, out_dirs, strict=True)):
-        labels = torch.tensor([e["label"] for e in exs])
         mine = outputs[r * len(points) : (r + 1) * len(points)]
-        values = torch.tensor([compute_metrics(task, predict(task, o), labels)[task.metric] for o in mine])
+        metric = task.select_metric  # a generation task's landscape: its teacher-forced loss
+        values = torch.tensor([_score(task, "centroid", [o], _labels(task, exs))[metric] for o in mine])
         path = out_dir / "landscape.png"
-        title = f"{task.name}: {task.metric} over the simplex (same point in every layer), n={len(exs)}"
+        title = f"{task.name}: {metric} over the simplex (same point in every layer), n={len(exs)}"
         if k == 3:
-            landscape.plot_triangle(points, values, path, title, task.metric)
+            landscape.plot_triangle(points, values, path, title, metric)
         else:
             ts = torch.linspace(0, 1, resolution + 1)
-            landscape.plot_segments(ts, values.view(k, -1), path, title, task.metric)
+            landscape.plot_segments(ts, values.view(k, -1), path, title, metric)
         record = {
             "points": points.tolist(),
             "values": values.tolist(),
-            "metric": task.metric,
+            "metric": metric,
             "n": len(exs),
             "seconds": time.perf_counter() - start,
         }

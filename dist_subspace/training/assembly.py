@@ -15,9 +15,10 @@ from dist_subspace.core.arch import arch_spec, prefix_geometry
 from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.core.embedded import resolve_model
 from dist_subspace.core.export import load_peft_prefix
-from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.core.initialise import initial_head, initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.core.simplex import dirichlet_spread
-from dist_subspace.data.batching import Collator, label_token_ids
+from dist_subspace.data.batching import Collator, check_chat, label_token_ids
 from dist_subspace.data.sources import load_splits
 from dist_subspace.data.tasks import FewShotSplits
 from dist_subspace.training.engine import Engine
@@ -67,7 +68,11 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     if decoder and not cfg.simplex.train_prefix and cfg.model.adapter == "prefix":
         raise ConfigError("simplex.train_prefix=false leaves a decoder nothing to train (its verbalizer is fixed)")
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust)
-    collator = Collator(tokenizer, task, decoder, cfg.model.max_length)
+    collator = Collator(tokenizer, task, decoder, cfg.model.max_length)  # a generation task on an encoder: refused
+    if task.generation:  # every example's response fits and any chat record has its template: before the backbone
+        for s in splits:
+            check_chat(tokenizer, [*s.train, *s.dev, *s.test])
+            collator.count_truncated([*s.train, *s.dev, *s.test])
     words = label_token_ids(tokenizer, task.label_words) if decoder else None  # refused before the backbone loads
     backbone = engine.load_backbone(path, decoder)
     k, p, r = cfg.simplex.vertices, cfg.prefix.length, cfg.simplex.replicas

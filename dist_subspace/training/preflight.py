@@ -43,6 +43,9 @@ RUN_IDENTITY = (
     "data.label_field",
     "data.label_words",
     "data.template",
+    "data.prompt_field",
+    "data.response_field",
+    "data.messages_field",
     "train.seed",
 )
 TRACKERS_EXTRA = ("tensorboard", "mlflow", "wandb")  # what pip install 'dist_subspace[trackers]' brings

@@ -21,6 +21,8 @@ import torch
 from dist_subspace.core import attention, simplex
 from dist_subspace.core.config import Config, ConfigError
 from dist_subspace.data.batching import truncation_report
+from dist_subspace.data.tasks import better
+from dist_subspace.evaluation.decoding import Decoding
 from dist_subspace.evaluation.metrics import task_loss
 from dist_subspace.evaluation.scoring import evaluate_replicas
 from dist_subspace.training.assembly import build, initialise, replica_dir
@@ -214,15 +216,21 @@ class Recipe(FinishStage):
                 self.trace[f"step{self.step}.micro{micro}.index"] = index.cpu()
                 self.trace[f"step{self.step}.micro{micro}.alpha"] = alpha.detach().cpu()
             noise = self._noise(self.seed_rows, index, self.replica_rows)
-            logits = model(
-                batch["input_ids"],
-                batch["attention_mask"],
-                alpha,
-                batch.get("token_type_ids"),
-                self.replica_rows,
-                noise,
-            )
-            per_replica = task_loss(self.task, logits, batch["labels"], reduction="none").view(r, mb).mean(1) / accum
+            if self.task.generation:  # token-level: the mean over each replica's response tokens
+                ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+                nll, count = model.response_nll(ids, mask, labels, alpha, self.replica_rows, noise)  # [B] each
+                per_replica = nll.view(r, mb).sum(1) / count.view(r, mb).sum(1).clamp(min=1) / accum
+            else:
+                logits = model(
+                    batch["input_ids"],
+                    batch["attention_mask"],
+                    alpha,
+                    batch.get("token_type_ids"),
+                    self.replica_rows,
+                    noise,
+                )
+                per_replica = task_loss(self.task, logits, batch["labels"], reduction="none").view(r, mb).mean(1)
+                per_replica = per_replica / accum
             per_replica.sum().backward()  # replicas share no parameter: each gets its own run's gradient
             total += per_replica.detach()
         # identical on every rank
@@ -261,6 +269,9 @@ class Recipe(FinishStage):
         """Score every replica on its own ``split`` examples; one metrics row each (``record``)."""
         mode = mode or self.cfg.eval.mode
         examples = [s.dev if split == "dev" else s.test for s in self.splits]
+        e = self.cfg.eval
+        decodes = self.task.generation and (split == "test" or e.dev_generation)  # generation metrics need texts
+        decoding = Decoding(e.max_new_tokens, num_beams=e.num_beams, seed=self.cfg.train.seed) if decodes else None
         desc = f"{split} {mode}" if self.cfg.train.progress and split == "test" else None
         clock = time.perf_counter()
         results = evaluate_replicas(
@@ -273,6 +284,7 @@ class Recipe(FinishStage):
             self.cfg.train.eval_batch_size,
             self.cfg.simplex.sampling,
             desc=desc,
+            decoding=decoding,
         )
         seconds = time.perf_counter() - clock  # one stacked pass for every replica: the same in each row
         if record:
@@ -283,14 +295,14 @@ class Recipe(FinishStage):
     def _select(self, last_dev: list[dict]) -> None:
         """Per selection rule, per replica, keep its best dev simplex so far in memory (tiny). Each rule's dev score
         is logged as a dev row in its mode (a mode scored once however many rules share it)."""
-        metric, k = self.task.metric, self.cfg.simplex.vertices
+        metric, k = self.cfg.eval.select_metric or self.task.select_metric, self.cfg.simplex.vertices
         scored = {self.cfg.eval.mode: last_dev}
         current = None
         for rule, best in self.best.items():
             if rule not in scored:
                 scored[rule] = self.validate("dev", rule)
             for r, result in enumerate(scored[rule]):
-                if best["scores"][r] is None or result[metric] > best["scores"][r]:
+                if better(metric, result[metric], best["scores"][r]):
                     current = simplex_tensors(self.model) if current is None else current
                     if best["tensors"] is None:
                         best["tensors"] = {n: t.clone() for n, t in current.items()}

@@ -6,10 +6,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from dist_subspace.core import simplex
 from dist_subspace.core.config import load_config
-from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+from dist_subspace.core.initialise import initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.data.batching import Collator, label_token_ids
 from dist_subspace.data.sources import load_splits
-from dist_subspace.evaluation.scoring import EVAL_SEED, Query, evaluate, evaluate_replicas, model_outputs
+from dist_subspace.evaluation.points import EVAL_SEED, Query
+from dist_subspace.evaluation.scoring import evaluate, evaluate_replicas, model_outputs
 from dist_subspace.training.engine import Engine
 
 pytestmark = pytest.mark.slow
@@ -132,7 +134,8 @@ def test_stacked_points_equal_one_pass_per_point(setup):
 
 
 def test_replicas_are_scored_with_their_own_vertices(setup):
-    from dist_subspace.core.model import PrefixSubspaceModel, initial_vertices
+    from dist_subspace.core.initialise import initial_vertices
+    from dist_subspace.core.model import PrefixSubspaceModel
 
     splits, collator, make, engine = setup
     a, b = make(2, seed=0), make(2, seed=1)
@@ -221,7 +224,7 @@ def test_evaluate_with_outputs_adds_the_centroid_to_the_same_pass(setup):
 
 def test_chunks_from_their_offset_draw_the_points_of_the_whole_list(setup):
     """Scoring a list in two chunks, each point shifted by its chunk's start, gives the whole list's logits."""
-    from dist_subspace.evaluation.scoring import from_offset, sampled_points
+    from dist_subspace.evaluation.points import from_offset, sampled_points
 
     splits, collator, make, engine = setup
     model = make(3)

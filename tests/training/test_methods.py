@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from dist_subspace.core import simplex
-from dist_subspace.core.model import PrefixSubspaceModel, initial_head, initial_vertices
+from dist_subspace.core.initialise import initial_head, initial_vertices
+from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.evaluate import main as evaluate_main
 from dist_subspace.train import main
 from dist_subspace.training.schedule import sampling_coordinates
