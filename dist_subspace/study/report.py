@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_subspace.core.files import read_json, write_atomic, write_json
+from dist_subspace.data.tasks import LOSS_METRICS
 from dist_subspace.study.plot import plot
 from dist_subspace.study.questions import answer, plot_gain_by_size, questions_markdown
 from dist_subspace.study.spec import BASELINE, DERIVED, StudySpec
@@ -36,13 +37,16 @@ def select_lrs(cells: list[dict], spec: StudySpec) -> dict[Key, float]:
     """Per (task, model, trained method): the learning rate with the best mean dev score over seeds (ties: the
     smaller rate), once every rate of its grid has every seed; until then the method has no selection there."""
     dev: dict[Key, dict[float, list[float]]] = {}
+    sign: dict[Key, float] = {}  # -1 where dev is a loss (a generation task's default): the lowest mean wins
     for c in cells:
-        dev.setdefault((c["task"], c["model"], c["method"]), {}).setdefault(c["lr"], []).append(c["dev"])
+        key = (c["task"], c["model"], c["method"])
+        dev.setdefault(key, {}).setdefault(c["lr"], []).append(c["dev"])
+        sign[key] = -1.0 if c.get("select_metric") in LOSS_METRICS else 1.0
     chosen = {}
     for key, by_lr in dev.items():
         grid = grid_lrs(spec, key[2])
         if all(len(by_lr.get(lr, [])) == spec.seeds_for(key[1]) for lr in grid):
-            chosen[key] = max(grid, key=lambda lr, by_lr=by_lr: (statistics.mean(by_lr[lr]), -lr))
+            chosen[key] = max(grid, key=lambda lr, by_lr=by_lr, s=sign[key]: (s * statistics.mean(by_lr[lr]), -lr))
     return chosen
 
 

@@ -72,6 +72,7 @@ def collect(spec: StudySpec, units: list[Unit], root: Path) -> list[dict]:
             cell.update(task=task_label(unit.task, unit.size), base_task=unit.task)
             cell.update(dev=final["dev_score"], test=summary["test_final"], selected_step=summary["selected_step"])
             cell["metric"] = summary.get("metric")  # the task's (recorded since the spread reads its SD)
+            cell["select_metric"] = summary.get("select_metric", cell["metric"])  # dev's: a loss is lower-better
             cell["test_initial"] = summary.get("test_initial")
             cell["test_final_ensemble"] = summary.get(f"test_final_ensemble:{spec.ensemble}")
             cell["test_last"] = summary.get("test_last")

@@ -55,8 +55,9 @@ class FinishStage:
                 f"{format_values(self.summaries, f'test_final{suffix}')}"
             )
             self._save_finals(rule, "final" if primary else f"final_by/{rule_folder(rule)}")
+        select_metric = cfg.eval.select_metric or self.task.select_metric  # what dev_score is (a loss: lower)
         for r, summary in enumerate(self.summaries):
-            summary.update(metric=metric, mode=cfg.eval.mode, replica=r)
+            summary.update(metric=metric, select_metric=select_metric, mode=cfg.eval.mode, replica=r)
         if cfg.eval.test_last:
             lasts = format_values(self.summaries, "test_last")
             self.log(f"test {metric} at the last step ({cfg.eval.mode}, no selection): {lasts}")

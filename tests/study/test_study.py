@@ -130,6 +130,8 @@ def test_learning_rate_is_picked_on_dev_and_paired_test():
     spec = StudySpec(lrs=[0.01, 0.03], seeds=2)
     assert select_lrs(cells, spec) == {("t", "m", "k1"): 0.03}
     assert select_lrs(cells[:-1], spec) == {}  # a rate not finished on every seed: no selection, never a narrower one
+    losses = [{**c, "select_metric": "loss"} for c in cells]  # a generation task's dev loss: the lower rate wins
+    assert select_lrs(losses, spec) == {("t", "m", "k1"): 0.01}
     result = paired({0: 0.8, 1: 0.7, 2: 0.9}, {0: 0.7, 1: 0.7, 2: 0.6})
     assert result["n"] == 3 and result["wins"] == 2 and result["ties"] == 1
     assert result["mean_diff"] == pytest.approx(0.1333333)
