@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from dist_subspace.core.config import Config, load_config
-from dist_subspace.core.files import write_atomic, write_json
+from dist_subspace.core.files import read_json, write_atomic, write_json
 from dist_subspace.study.spec import StudySpec, Unit, as_overrides, plan_units, run_overrides, task_label
 from dist_subspace.study.spread import metrics_rows
 
@@ -55,11 +55,10 @@ def _time_run(run: dict[str, Any], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def measure(spec: StudySpec, unit: Unit, root: Path) -> dict[str, float]:
-    """Time one pilot run of ``unit``: seconds per step, per forward (one example, one point, one replica), of
-    start-up, and the whole run's."""
-    (run,) = run_overrides(spec, unit, root / "pilot")  # the seeds as replicas (LoRA units are not piloted)
-    folder = Path(run["train.output_dir"])
+def _pilot_cut(spec: StudySpec, unit: Unit, root: Path) -> dict[str, Any]:
+    """The overrides of ``unit``'s pilot run: its own (the seeds as replicas), cut to a few steps and one
+    evaluation, a small test set, no landscape."""
+    (run,) = run_overrides(spec, unit, root / "pilot")  # LoRA units are not piloted
     cut = {
         "train.max_steps": PILOT_STEPS,
         "train.epochs": 0,
@@ -73,8 +72,17 @@ def measure(spec: StudySpec, unit: Unit, root: Path) -> dict[str, float]:
         "eval.landscape": False,
         "eval.test_last": False,
     }
-    wall = _time_run({**run, **cut}, folder.parent / f"{folder.name}.pilot.log")
-    cfg = load_config(None, as_overrides({**run, **cut}))
+    return {**run, **cut}
+
+
+def measure(spec: StudySpec, unit: Unit, root: Path, wall: float | None = None) -> dict[str, float]:
+    """Time one pilot run of ``unit`` (or read the one that ran, whose ``wall`` seconds are known): seconds per
+    step, per forward (one example, one point, one replica), of start-up, and the whole run's."""
+    run = _pilot_cut(spec, unit, root)
+    folder = Path(run["train.output_dir"])
+    if wall is None:
+        wall = _time_run(run, folder.parent / f"{folder.name}.pilot.log")
+    cfg = load_config(None, as_overrides(run))
     replicas = cfg.simplex.replicas
     rows = metrics_rows(folder if replicas == 1 else folder / "replica-0")
     batch = cfg.train.micro_batch_size * cfg.train.grad_accum * replicas
@@ -82,9 +90,16 @@ def measure(spec: StudySpec, unit: Unit, root: Path) -> dict[str, float]:
     dev = [r for r in rows if r["split"] == "dev"]
     points = [_points(r["mode"]) for r in dev]
     forward = sum(r["seconds"] for r in dev) / sum(r["n"] * p * replicas for r, p in zip(dev, points, strict=True))
-    evaluated = sum(r["seconds"] for r in rows if r["split"] in ("dev", "test"))
-    startup = max(0.0, wall - PILOT_STEPS * step - evaluated)
+    test = [r for r in rows if r["split"] == "test"][-1]["n"] * replicas * test_points(cfg) * forward  # not all logged
+    startup = max(0.0, wall - PILOT_STEPS * step - sum(r["seconds"] for r in dev) - test)
     return {"step": step, "forward": forward, "startup": startup, "wall": wall, "replicas": replicas}
+
+
+def test_points(cfg: Config) -> int:
+    """The points a run scores each test example at, in all: per selection rule its mode and each extra mode (an
+    ensemble's S), plus the initial centroid and the last step where asked."""
+    per_rule = 1 + sum(_points(m) for m in cfg.eval.extra_test_modes)
+    return per_rule * len(cfg.eval.selection_rules()) + cfg.eval.initial_test + cfg.eval.test_last
 
 
 def _points(mode: str) -> int:
@@ -101,13 +116,11 @@ def unit_seconds(cfg: Config, sizes: tuple[int, int, int], timing: dict[str, flo
     evaluations = math.ceil(t.max_steps / t.eval_every)
     replicas, forward = cfg.simplex.replicas, timing["forward"]
     dev_points = sum(_points(rule) for rule in dict.fromkeys([cfg.eval.mode, *cfg.eval.selection_rules()]))
-    test_points = (1 + sum(_points(m) for m in cfg.eval.extra_test_modes)) * len(cfg.eval.selection_rules())
-    test_points += cfg.eval.initial_test + cfg.eval.test_last
     seconds = {
         "startup": timing["startup"],
         "train": t.max_steps * timing["step"] * replicas / timing["replicas"],
         "dev": evaluations * dev * dev_points * replicas * forward,
-        "test": test * test_points * replicas * forward,
+        "test": test * test_points(cfg) * replicas * forward,
     }
     return {**seconds, "total": sum(seconds.values()), "steps": t.max_steps, "evaluations": evaluations}
 
@@ -122,8 +135,11 @@ def data_sizes(cfg: Config) -> tuple[int, int, int]:
 
 def pilot(spec: StudySpec, kinds: dict[str, str], root: Path) -> dict:
     """Time each (model, task) of the grid, then every unit's expected seconds; write ``pilot.json`` and
-    ``pilot.md`` under ``root``. Returns the record."""
+    ``pilot.md`` under ``root``. Returns the record. A (model, task) already timed (``pilot.json``'s wall and its
+    run folder) is read again rather than rerun."""
     units = plan_units(spec, kinds)
+    before = read_json(root / "pilot.json")
+    walls = {k: t["wall"] for k, t in (before.get("timings", {}) if isinstance(before, dict) else {}).items()}
     timings: dict[str, dict[str, float]] = {}
     for model in spec.models:
         for task in spec.tasks:
@@ -131,8 +147,9 @@ def pilot(spec: StudySpec, kinds: dict[str, str], root: Path) -> dict:
             if unit is None:
                 continue
             print(f"[pilot] {model} {task}: {PILOT_STEPS} steps of {unit.method}", flush=True)
-            timings[f"{model} {task}"] = measure(spec, unit, root)
+            timings[f"{model} {task}"] = measure(spec, unit, root, walls.get(f"{model} {task}"))
             print(f"[pilot] {model} {task}: {json.dumps(timings[f'{model} {task}'])}", flush=True)
+            write_json(root / "pilot.json", {"timings": timings}, indent=1)  # a stopped pilot keeps what it timed
     rows, sizes_seen = [], {}
     for unit in units:
         cfg = load_config(None, as_overrides(run_overrides(spec, unit, root)[0]))

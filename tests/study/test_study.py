@@ -397,3 +397,21 @@ def test_a_spec_changed_after_results_is_listed_with_what_changed():
     assert entry["changed"] == {"seeds": [5, 10]} and entry["from"] == spec_hash(old) != entry["to"]
     assert spec_history(old, previous) == []  # unchanged
     assert spec_history(new, {**previous, "cells": []}) == []  # no results yet: a change is free
+
+
+def test_the_pilot_extrapolates_a_unit_from_its_rates_and_sizes():
+    """A k3 unit with the sampled rule and an ensemble test: 10 epochs of 32 examples at batch 8 are 40 steps, an
+    evaluation each epoch scores dev at the centroid and 8 sampled points, test at 1 + 8 points under each rule."""
+    from dist_subspace.study.pilot import test_points, unit_seconds
+
+    spec = StudySpec(tasks=["t"], models=["m"], methods=["k1", "k3", "k3_sampled", "k3_sampled_ensemble"], seeds=10)
+    spec.base = {"train.epochs": 10, "train.eval_every_epochs": 1, "train.micro_batch_size": 8}
+    (run,) = run_overrides(spec, Unit("t", "m", "k3", 0.01), Path("/tmp/x"))
+    cfg = load_config(None, as_overrides(run))
+    assert test_points(cfg) == (1 + 8) * 2 + 1  # + the initial centroid (k3 scores it for `none`)
+    timing = {"step": 4.0, "forward": 0.01, "startup": 40.0, "replicas": 10}
+    cost = unit_seconds(cfg, (32, 32, 1000), timing)
+    assert cost["steps"] == 40 and cost["evaluations"] == 10
+    assert cost["train"] == pytest.approx(160.0) and cost["dev"] == pytest.approx(10 * 32 * 9 * 10 * 0.01)
+    assert cost["test"] == pytest.approx(1000 * 19 * 10 * 0.01)
+    assert cost["total"] == pytest.approx(40 + 160 + 288 + 1900)
