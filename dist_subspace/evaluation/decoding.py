@@ -11,6 +11,8 @@ alone, as predict does) shares the same forwards.
 Beam search (``num_beams > 1``) runs transformers' own ``generate`` for one-row groups: the prefix fills the first
 P positions of a ``DynamicCache``, the prompt follows P placeholder ids (which the cache already covers, so they are
 never fed), and the attention mask counts the prefix; positions then continue after the prefix as in training.
+``generate`` expands its tensors to ``num_beams`` rows per prompt but not a cache handed to it, so the cache holds
+each row's prefix ``num_beams`` times already, in the order of its expansion (each prompt's beams side by side).
 
 Distributed (ZeRO-3): every rank decodes an equal share of the groups, batches padded to the same count, and every
 batch runs until the last rank's last group has ended (one all-reduce of a flag per step): every rank runs the
@@ -55,8 +57,9 @@ class DecodeQuery:
 
 @dataclass
 class Decoded:
-    """One query's responses: ``texts`` and new token ids per example, and the mixture's mean entropy (nats) per
-    generated token (0 for one point, whose own distribution is taken as it is)."""
+    """One query's responses: ``texts`` and new token ids per example, and the entropy (nats) of the distribution each
+    token was drawn from, per generated token (the end-of-sequence token counted): the mixture's for an ensemble,
+    the point's own for one point; 0 under beam search."""
 
     texts: list[str]
     token_ids: list[list[int]]
@@ -144,25 +147,48 @@ def beam_rows(
     synced: bool,
 ) -> torch.Tensor:
     """Beam search for ``[R, S]`` left-padded prompts, one point per row, through transformers' ``generate`` (the
-    prefix in its cache) -> new tokens ``[R, N]``. ``synced``: every process runs as many forwards
-    (``synced_gpus``, under ZeRO-3)."""
+    prefix in its cache) -> new tokens ``[R, N]`` (after a row's end-of-sequence token, padding). ``synced``: every
+    process runs as many forwards (``synced_gpus``, under ZeRO-3)."""
     rows, p = input_ids.shape[0], model.prefix_length
-    prefix = model.prefix(alpha, rows, replica if model.num_replicas > 1 else None)
+    prefix = model.prefix(alpha, rows, replica if model.num_replicas > 1 else None)  # [R, L, 2, H_kv, P, D]
+    # generate() repeats input_ids and the mask num_beams times (repeat_interleave) but takes a given cache as it is:
+    # it must hold R * num_beams rows already, in that order, or the first forward fails on the batch size.
+    beams = prefix.repeat_interleave(decoding.num_beams, dim=0)  # [R * num_beams, L, 2, H_kv, P, D]
     placeholders = input_ids.new_full((rows, p), pad_token_id)  # covered by the cache: never fed
     full = torch.cat([placeholders, input_ids], dim=1)
-    mask = torch.cat([attention_mask.new_ones(rows, p), attention_mask], dim=1)
-    out = model.backbone.generate(
-        input_ids=full,
-        attention_mask=mask,
-        past_key_values=_cache(prefix),
-        max_new_tokens=decoding.max_new_tokens,
-        num_beams=decoding.num_beams,
-        do_sample=False,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        synced_gpus=synced,
-    )
+    mask = torch.cat([attention_mask.new_ones(rows, p), attention_mask], dim=1)  # positions: cumsum - 1, from P on
+    handle = model.backbone.register_forward_pre_hook(_prefix_visible(model.config, p, prefix.dtype), with_kwargs=True)
+    try:
+        out = model.backbone.generate(
+            input_ids=full,
+            attention_mask=mask,
+            cache=_cache(beams),
+            max_new_tokens=decoding.max_new_tokens,
+            num_beams=decoding.num_beams,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            synced_gpus=synced,
+        )
+    finally:
+        handle.remove()
     return out[:, full.shape[1] :]
+
+
+def _prefix_visible(config, prefix_length: int, dtype: torch.dtype):
+    """A forward pre-hook for ``generate``'s forwards: its 2D mask ``[B, P + T]`` becomes
+    :func:`prefix_attention_mask`'s, so a sliding-window layer keeps the P prefix keys visible to every query, as
+    training and :func:`decode_rows` keep them (``generate``'s own sliding masks would hide them from queries a
+    window past them); unchanged for models without a window."""
+
+    def hook(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            width = kwargs["input_ids"].shape[1]
+            kwargs["attention_mask"] = prefix_attention_mask(config, mask, kwargs["cache"], width, prefix_length, dtype)
+        return args, kwargs
+
+    return hook
 
 
 def _cut(ids: list[int], eos: int) -> list[int]:
@@ -182,6 +208,11 @@ def decode_texts(
     """Every query's responses (:class:`Decoded`), decoded in stacked batches of at most ``batch_size`` rows
     (groups are never split), the groups of similar prompt lengths together, shared out between the processes
     (``engine``: ``rank``, ``world_size``, ``any_rank``, ``gather_objects``)."""
+    if decoding.num_beams > 1 and any(len(q.points) > 1 for q in queries):
+        raise ValueError(
+            f"num_beams={decoding.num_beams}: beam search decodes one point at a time; decode an ensemble (a mixture "
+            "of points) with num_beams=1"
+        )
     model.eval()
     tokenizer, device = collator.tokenizer, model.simplex.vertices.device
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dist_subspace.core.arch import arch_spec, prefix_geometry
-from dist_subspace.core.config import Config, ConfigError
+from dist_subspace.core.config import Config, ConfigError, check_eval_mode
 from dist_subspace.core.embedded import resolve_model
 from dist_subspace.core.export import load_peft_prefix
 from dist_subspace.core.initialise import initial_head, initial_vertices
@@ -20,7 +20,7 @@ from dist_subspace.core.model import PrefixSubspaceModel
 from dist_subspace.core.simplex import dirichlet_spread
 from dist_subspace.data.batching import Collator, check_chat, label_token_ids
 from dist_subspace.data.sources import load_splits
-from dist_subspace.data.tasks import FewShotSplits
+from dist_subspace.data.tasks import FewShotSplits, TaskSpec
 from dist_subspace.training.engine import Engine
 from dist_subspace.training.preflight import check_context, check_peft_adapter
 
@@ -51,6 +51,7 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
     with engine.main_process_first():  # a hub data set downloads once; the other ranks read the cache
         splits = [load_splits(**{**data, "seed": cfg.data.seed + r}) for r in range(cfg.simplex.replicas)]
     task = splits[0].task
+    check_generation_eval(cfg, task)
     with engine.main_process_first():  # the first rank converts an embedded model once; the rest read it
         path = resolve_model(cfg.model.name_or_path)
     trust = cfg.model.trust_remote_code  # off unless the config sets it (then said in the log)
@@ -91,6 +92,38 @@ def build(cfg: Config, engine: Engine) -> tuple[list[FewShotSplits], Collator, P
         model.simplex.vertices.requires_grad_(False)
     model.backbone = engine.wrap_backbone(backbone)
     return splits, collator, model, path
+
+
+def check_generation_eval(cfg: Config, task: TaskSpec) -> None:
+    """What the ``eval.*`` keys ask of a task, refused before the model loads rather than after the first evaluation:
+    ``eval.select_metric`` is a generation task's; a generation task's dev loss has no ensemble (its text is decoded
+    from the mixture, it is not teacher-forced), so an ensemble selection rule needs a decoded metric; beam search
+    follows one point, not a mixture."""
+    e = cfg.eval
+    if not task.generation:
+        if e.select_metric is not None:
+            raise ConfigError(
+                f"eval.select_metric={e.select_metric} is for generation tasks; {task.name} is selected by its "
+                f"metric, {task.metric}: drop eval.select_metric"
+            )
+        return
+    metric = e.select_metric or task.select_metric
+    rules = [("eval.select_by", e.select_by), *(("eval.also_select_by", rule) for rule in e.also_select_by)]
+    for key, rule in rules:
+        if check_eval_mode(rule)[0] == "ensemble" and metric == "loss":
+            raise ConfigError(
+                f"{key}={rule}: an ensemble of a generation task decodes from the mixture of its points and "
+                "has no teacher-forced dev loss to select by; select by centroid or sampled:S, or set "
+                "eval.select_metric=rougeL (dev is then decoded)"
+            )
+    if e.num_beams > 1:
+        decoded = [e.mode, *e.extra_test_modes, *(e.selection_rules() if e.dev_generation else [])]
+        ensembles = [mode for mode in decoded if check_eval_mode(mode)[0] == "ensemble"]
+        if ensembles:
+            raise ConfigError(
+                f"eval.num_beams={e.num_beams}: beam search decodes one point at a time, and {ensembles[0]} is a "
+                "mixture of points; use eval.num_beams=1 with it"
+            )
 
 
 def start_vertices(cfg: Config, model: PrefixSubspaceModel, seed: int, special: list[int], vocab: int) -> torch.Tensor:
