@@ -63,6 +63,8 @@ class StudySpec:
     model_seeds: dict[str, int] = field(default_factory=dict)  # fewer seeds for a slow model (default: seeds)
     model_tasks: dict[str, list[str]] = field(default_factory=dict)  # a model runs only these tasks
     method_models: dict[str, list[str]] = field(default_factory=dict)  # a method runs only on these models
+    size_models: dict[str, list[str]] = field(default_factory=dict)  # a size runs only these models
+    size_tasks: dict[str, list[str]] = field(default_factory=dict)  # a size runs only these tasks
     base: dict[str, Any] = field(default_factory=dict)  # run overrides for every cell, e.g. train.max_steps: 40
     # run overrides for one task's cells (TASK, or TASK@SIZE for one size), over base and the size's
     task_overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -94,9 +96,16 @@ class StudySpec:
         for model, tasks in self.model_tasks.items():
             if not set(tasks) <= set(self.tasks):
                 raise ConfigError(f"model_tasks[{model}] names {sorted(set(tasks) - set(self.tasks))}, not among tasks")
-        for method, models in self.method_models.items():
-            if not set(models) <= set(self.models):
-                raise ConfigError(f"method_models[{method}] names {sorted(set(models) - set(self.models))}, not models")
+        for key, limits, among in (
+            ("method_models", self.method_models, self.models),
+            ("size_models", self.size_models, self.models),
+            ("size_tasks", self.size_tasks, self.tasks),
+        ):
+            for name, values in limits.items():
+                if key.startswith("size") and name not in self.sizes:
+                    raise ConfigError(f"{key} names {name!r}, which is not among sizes {list(self.sizes)}")
+                if not set(values) <= set(among):
+                    raise ConfigError(f"{key}[{name}] names {sorted(set(values) - set(among))}, not among {among}")
         if any(n < 1 for n in self.model_seeds.values()):
             raise ConfigError("model_seeds must be >= 1 for every model")
         if self.seeds < 1 or not self.lrs or not self.tasks or not self.models:
@@ -115,13 +124,16 @@ class StudySpec:
         """The report's task columns: each task, at each size (``TASK@SIZE``) when the spec has sizes."""
         return [task_label(t, s) for t in self.tasks for s in (self.sizes or [""])]
 
-    def runs_on(self, model: str, task: str, method: str) -> bool:
-        """Whether ``method`` runs ``task`` on ``model`` (``model_tasks``, ``method_models``; a derived or viewed
-        method where its source does)."""
+    def runs_on(self, model: str, task: str, method: str, size: str = "") -> bool:
+        """Whether ``method`` runs ``task`` at ``size`` on ``model`` (``model_tasks``, ``method_models``,
+        ``size_models``, ``size_tasks``; a derived or viewed method where its source does)."""
         source = {**{m: s for m, (s, _) in DERIVED.items()}, **{m: s for m, (s, _) in VIEWS.items()}}.get(method)
-        if source is not None and not self.runs_on(model, task, source):
+        if source is not None and not self.runs_on(model, task, source, size):
             return False
-        return task in self.model_tasks.get(model, [task]) and model in self.method_models.get(method, [model])
+        sized = model in self.size_models.get(size, [model]) and task in self.size_tasks.get(size, [task])
+        return (
+            sized and task in self.model_tasks.get(model, [task]) and model in self.method_models.get(method, [model])
+        )
 
 
 def task_label(task: str, size: str) -> str:
@@ -158,18 +170,18 @@ def _slug(name: str) -> str:
 
 
 def plan_units(spec: StudySpec, kinds: dict[str, str]) -> list[Unit]:
-    """Every unit to train, in the spec's order (models, tasks, sizes, methods, lrs): a model's tasks finish one
-    after the other with every method, so the paired comparisons fill in task by task; cheap models can come
-    first."""
+    """Every unit to train, in the spec's order: sizes, then models, tasks, methods, rates. Every model and task
+    finishes the first (smallest) size before the next begins, and a model's tasks one after the other with every
+    method, so the paired comparisons fill in size by size and task by task; cheap models can come first."""
     units = []
-    for model in spec.models:
-        for task in spec.tasks:
-            for size in spec.sizes or [""]:
+    for size in spec.sizes or [""]:
+        for model in spec.models:
+            for task in spec.tasks:
                 for method in spec.methods:
                     trained = method not in DERIVED and method not in VIEWS
                     if not trained or (method in ENCODER_ONLY and kinds[model] != "encoder"):
                         continue
-                    if not spec.runs_on(model, task, method):
+                    if not spec.runs_on(model, task, method, size):
                         continue
                     for lr in spec.lora_lrs if method == "lora" else spec.lrs:
                         units.append(Unit(task, model, method, lr, size))

@@ -333,6 +333,8 @@ def test_sizes_seeds_and_restrictions_shape_the_grid(tmp_path):
     units = plan_units(spec, {"a": "encoder", "b": "decoder"})
     assert len(units) == 2 * 2 * 3 + 1 * 2 * 2  # a: 2 tasks x 2 sizes x (k1, k3, k3_beta0); b: snli x 2 x (k1, k3)
     assert {u.method for u in units} == {"k1", "k3", "k3_beta0"}
+    sizes = [u.size for u in units]  # every model and task at the first size before the next size
+    assert sizes == sorted(sizes, key=list(spec.sizes).index) and [u.model for u in units[:7]] == ["a"] * 6 + ["b"]
     unit = Unit("snli", "b", "k3", 0.01, "k16")
     (run,) = run_overrides(spec, unit, tmp_path)
     assert run["simplex.replicas"] == 5 and run["eval.also_select_by"] == ["sampled:8"]
@@ -340,6 +342,15 @@ def test_sizes_seeds_and_restrictions_shape_the_grid(tmp_path):
     assert unit.folder(tmp_path) == tmp_path / "snli" / "k16" / "b" / "k3" / "lr-0.01"
     assert len(replica_dirs(spec, unit, tmp_path)) == 5
     assert spec.task_labels() == ["rotten_tomatoes@n100", "rotten_tomatoes@k16", "snli@n100", "snli@k16"]
+    limited = StudySpec(**{**asdict(spec), "size_models": {"k16": ["a"]}, "size_tasks": {"n100": ["snli"]}})
+    assert {(u.model, u.task, u.size) for u in plan_units(limited, {"a": "encoder", "b": "decoder"})} == {
+        ("a", "rotten_tomatoes", "k16"),
+        ("a", "snli", "k16"),
+        ("a", "snli", "n100"),
+        ("b", "snli", "n100"),
+    }
+    with pytest.raises(ConfigError, match="size_tasks names 'n5'"):
+        StudySpec(**{**asdict(spec), "size_tasks": {"n5": ["snli"]}})
     with pytest.raises(ConfigError, match="model_tasks names 'c'"):
         StudySpec(models=["a"], model_tasks={"c": ["rotten_tomatoes"]})
 
