@@ -1,4 +1,4 @@
-"""Label new texts with a finished run: ``python -m dist_subspace.predict RUN_DIR --data FILE [--out FILE]``.
+"""Label new texts, or answer new prompts, with a finished run: ``python -m dist_subspace.predict RUN_DIR --data FILE``.
 
     python -m dist_subspace.predict runs/default --data new.csv --out labelled.csv
     python -m dist_subspace.predict runs/default --data new.jsonl --mode ensemble:8 > labelled.jsonl
@@ -14,40 +14,38 @@ share of the S points whose own argmax is not the predicted label (0, 1/S, ..., 
 the format (``.csv .tsv .jsonl .parquet``), written to a temporary file beside it and renamed at the end (a
 failure leaves no partial file); without ``--out``, JSON lines on stdout.
 
-Inputs stream from the file through the model 256 rows at a time (``--chunk``), with a progress bar on stderr: a
-process holds one read of the input (8,192 rows, or a chunk if larger), never the whole file (.csv, .tsv, .jsonl
-and .parquet are read in parts; a .json file, one JSON document, is read whole: write JSON lines to stream a large
-input). Before the model loads, the columns are checked from the file's header (.csv, .tsv) or schema
-(.parquet), JSON's from its first rows, and then every row is read once, in parts, so that an empty text anywhere
-is refused before any work (and the progress bar knows the total). Should the file change after that check, a
-bad row met during the pass is still one line, exit status 2, and no output file; on stdout the rows before it are
-already printed.
+A generation run answers prompts instead: ``FILE`` holds its ``data.prompt_field`` column (default ``prompt``; the
+task's template goes around each), or for a run on chat records its ``data.messages_field`` column, each record ending
+with the user's message (an assistant's answer after it is ignored, with a warning, as a response column is). Each
+row is its ``response``, decoded at the mode's point (``--max-new-tokens``, ``--num-beams``: the run's
+``eval.max_new_tokens`` and ``eval.num_beams`` by default); ``ensemble:S`` decodes from the mixture of its S points
+(greedy) and adds ``entropy`` (the mixture's mean entropy per generated token, nats) and ``disagreement`` (the share
+of the S points whose own greedy response differs from the mixture's), each point decoded in the same pass.
 
-Under a launcher (``torchrun --nproc_per_node N -m dist_subspace.predict ...``) every process streams the file,
-the rows of each chunk are shared out between them, and only the main process writes, each row once, in order;
-the processes agree on every chunk before its pass (one small exchange), so a chunk that one of them cannot read
-stops them all at the same pass. An input's ensemble points depend on its row number only, never on the chunk or
-the number of processes. A failure to write the output (a full disk, a closed pipe) is one line, exit status 1.
+Inputs stream ``--chunk`` (256) rows at a time, each chunk one stacked pass, with a progress bar on stderr: a process
+holds one read of the file (8,192 rows), never the whole file (a ``.json`` document is read whole: write JSON lines
+to stream). Every row is read and checked once before the model loads; a bad row met later (the file changed) is
+still one line, exit status 2, and no output file. Under a launcher (``torchrun --nproc_per_node N -m
+dist_subspace.predict ...``) the rows of each chunk are shared out between the processes, which agree on every chunk
+before its pass, and only the main one writes, each row once, in order; an input's ensemble points depend on its row
+number only. A failed write (a full disk, a closed pipe) is one line, exit status 1. More: docs/configuration.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import json
-import os
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 from dist_subspace.core.cli import USER_ERRORS, OneLineParser, exit_now, user_error
 from dist_subspace.core.config import Config, ConfigError, check_eval_mode
 from dist_subspace.data.tables import READ_ROWS, table_chunks, table_header, text_chunks
 from dist_subspace.data.tasks import GLUE, LOCAL_SUFFIXES, TASKS, Example, TaskSpec
+from dist_subspace.data.writing import OUT_SUFFIXES, OutputFailed, row_writer
 from dist_subspace.training.preflight import is_main_rank
 
-OUT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 CHUNK = 256
 
 
@@ -63,10 +61,23 @@ def named_task(cfg: Config) -> TaskSpec | None:
     return TASKS.get(name)
 
 
-def input_columns(cfg: Config) -> tuple[str, str | None, str]:
-    """The (text, text pair or None, label) columns an input file has for the run of ``cfg``: a named task's
-    ``text``/``text_pair``/``label``, a local file's ``data.text_field``/``text_pair_field``/``label_field``."""
+def chat_run(cfg: Config) -> bool:
+    """Whether the run of ``cfg`` trained on chat records (``data.messages_field`` of a local file)."""
+    return named_task(cfg) is None and cfg.data.messages_field is not None
+
+
+def input_columns(cfg: Config) -> tuple[str, str | None, str | None]:
+    """The (text, text pair or None, label or None) columns an input file has for the run of ``cfg``: a named task's
+    ``text``/``text_pair``/``label``, a local file's ``data.text_field``/``text_pair_field``/``label_field``; for
+    generation the prompts (``data.prompt_field``, or the chat records of ``data.messages_field``), no pair, and
+    the response column (``data.response_field``, a named task's ``response``; none for chat records)."""
+    from dist_subspace.evaluation.responses import generation_run
+
     task = named_task(cfg)
+    if generation_run(cfg):
+        if chat_run(cfg):
+            return cfg.data.messages_field, None, None
+        return cfg.data.prompt_field, None, "response" if task is not None else cfg.data.response_field
     if task is not None:
         return "text", "text_pair" if task.has_pair else None, "label"
     return cfg.data.text_field, cfg.data.text_pair_field, cfg.data.label_field
@@ -85,14 +96,25 @@ def check_mode(mode: str) -> tuple[str, int | None]:
 
 class Inputs:
     """``--data``, the texts to label, streamed: iterate it for each chunk's examples (``chunk`` of them; ``label``
-    0, unused; ``id`` the row number), in file order (:func:`~dist_subspace.data.tables.text_chunks`).
+    0, unused; ``id`` the row number), in file order (:func:`~dist_subspace.data.tables.text_chunks`); ``chat``:
+    ``text`` is a column of chat records, each example's ``messages``.
 
     Made before the model loads: an unknown type, a missing file and a missing text column (from the header or
-    schema; JSON's from its first rows) are one-line ConfigErrors at once; ``labelled`` says whether the file has
-    the ``label`` column. An empty text (the row named) or an unreadable part is a one-line ConfigError raised
-    when its chunk is read: :meth:`count` reads them all first."""
+    schema; JSON's from its first rows; ``keys`` name the run's config keys for them) are one-line ConfigErrors at
+    once; ``labelled`` says whether the file has the ``label`` column. An empty text or a bad chat record (the row
+    named) or an unreadable part is a one-line ConfigError raised when its chunk is read: :meth:`count` reads them
+    all first, and counts the chat records that end with an answer (``answered``)."""
 
-    def __init__(self, path: Path, text: str, pair: str | None, label: str, chunk: int) -> None:
+    def __init__(
+        self,
+        path: Path,
+        text: str,
+        pair: str | None,
+        label: str | None,
+        chunk: int,
+        chat: bool = False,
+        keys: tuple[str, str] = ("text_field", "text_pair_field"),
+    ) -> None:
         if path.suffix.lower() not in LOCAL_SUFFIXES:
             raise ConfigError(
                 f"--data {str(path)!r}: unsupported type {path.suffix.lower() or '(none)'!r}; "
@@ -100,27 +122,31 @@ class Inputs:
             )
         if not path.is_file():
             raise ConfigError(f"--data {str(path)!r} not found; give the file of texts to label")
-        self.path, self.text, self.pair, self.chunk = path, text, pair, chunk
+        self.path, self.text, self.pair, self.chunk, self.chat, self.answered = path, text, pair, chunk, chat, 0
         columns = _refusal(table_header, path)  # None for JSON: no header, its first rows tell
         if columns is None:
             reads = table_chunks(path, READ_ROWS)
             columns = [str(c) for c in _refusal(next, reads).columns]  # a first read, or the file is refused
             reads.close()
-        for key, column in (("text_field", text), ("text_pair_field", pair)):
+        for key, column in zip(keys, (text, pair), strict=True):
             if column is not None and column not in columns:
                 raise ConfigError(
                     f"--data {str(path)!r}: no column {column!r} (the run's data.{key}); columns present: {columns}"
                 )
-        self.labelled = label in columns
+        self.labelled = label is not None and label in columns
 
     def __iter__(self) -> Iterator[list[Example]]:
-        chunks = text_chunks(self.path, self.text, self.pair, self.chunk, f"--data {str(self.path)!r}")
+        chunks = text_chunks(self.path, self.text, self.pair, self.chunk, f"--data {str(self.path)!r}", self.chat)
         while (part := _refusal(next, chunks, None)) is not None:
             yield part
 
     def count(self) -> int:
         """Read every chunk once and return the number of rows: every refusal of the file, before any work."""
-        return sum(len(part) for part in self)
+        total, self.answered = 0, 0
+        for part in self:
+            total += len(part)
+            self.answered += sum(bool(e.get("answered")) for e in part)
+        return total
 
 
 def _refusal(read: Callable, *args):
@@ -159,93 +185,6 @@ def prediction_rows(label_names: Sequence[str], point_probs, ensemble: bool) -> 
     return rows
 
 
-class OutputFailed(Exception):
-    """Writing the output failed (a full disk, a closed pipe): a fault, not a bad input (exit status 1)."""
-
-
-@contextmanager
-def _writing(where: str) -> Iterator[None]:
-    """An OSError of the block (a write, a flush, the rename) as :class:`OutputFailed`, naming ``where``."""
-    try:
-        yield
-    except OSError as err:
-        raise OutputFailed(f"{where}: could not write ({err.strerror or err})") from None
-
-
-def _guarded(write: Callable[[list[dict]], None], where: str) -> Callable[[list[dict]], None]:
-    def guarded(rows: list[dict]) -> None:
-        with _writing(where):
-            write(rows)
-
-    return guarded
-
-
-def _json_lines(stream) -> Callable[[list[dict]], None]:
-    def write(rows: list[dict]) -> None:
-        stream.write("".join(json.dumps(row) + "\n" for row in rows))
-        stream.flush()
-
-    return write
-
-
-def _file_writer(kind: str, tmp: Path, stack: ExitStack) -> Callable[[list[dict]], None]:
-    """A function writing rows to ``tmp`` in format ``kind``; ``stack`` closes the file."""
-    if kind == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        parquet: list = []  # the writer, made with the first rows' schema
-
-        def write_parquet(rows: list[dict]) -> None:
-            table = pa.Table.from_pylist(rows)
-            if not parquet:
-                parquet.append(stack.enter_context(pq.ParquetWriter(str(tmp), table.schema)))
-            parquet[0].write_table(table)
-
-        return write_parquet
-    if kind == ".jsonl":
-        return _json_lines(stack.enter_context(open(tmp, "w", encoding="utf-8")))
-    stream = stack.enter_context(tmp.open("w", newline="", encoding="utf-8"))
-    table: list = []  # the DictWriter, made with the first rows' columns
-
-    def write_table(rows: list[dict]) -> None:
-        if not table:
-            table.append(csv.DictWriter(stream, fieldnames=list(rows[0]), delimiter="," if kind == ".csv" else "\t"))
-            table[0].writeheader()
-        table[0].writerows(rows)
-
-    return write_table
-
-
-@contextmanager
-def row_writer(out: Path | None) -> Iterator[Callable[[list[dict]], None]]:
-    """A function that writes rows (dicts with the same keys) to ``out`` in the format of its extension: into
-    ``.tmp-NAME`` beside it, flushed to disk and renamed over ``out`` when the block ends; an error in the block
-    removes the temporary file (no partial output). JSON lines on stdout when ``out`` is None. A write that fails
-    (an OSError: a full disk, a closed pipe) is :class:`OutputFailed`."""
-    if out is None:
-        yield _guarded(_json_lines(sys.stdout), "stdout")
-        return
-    tmp, where = out.with_name(f".tmp-{out.name}"), f"--out {str(out)!r}"
-    try:
-        with ExitStack() as stack:
-            with _writing(where):
-                write = _file_writer(out.suffix.lower(), tmp, stack)
-            yield _guarded(write, where)
-            with _writing(where):
-                stack.close()  # the last flush, where a full disk shows
-        with _writing(where):
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def agreed_chunks(engine, chunks: Iterable[Sequence[Example]]) -> Iterator[Sequence[Example]]:
     """``chunks`` (each process reads its own copy of the input), each yielded once every process has read its
     own: one exchange of (rows, refusal) per chunk, so that the processes run the same passes. A ConfigError or
@@ -274,15 +213,21 @@ def agreed_chunks(engine, chunks: Iterable[Sequence[Example]]) -> Iterator[Seque
         start += len(part)
 
 
-def predict_chunks(run, chunks: Iterable[Sequence[Example]], mode: str, batch_size: int) -> Iterator[list[dict]]:
+def predict_chunks(
+    run, chunks: Iterable[Sequence[Example]], mode: str, batch_size: int, decoding=None
+) -> Iterator[list[dict]]:
     """Label the examples of ``chunks`` (lists of examples, in input order) with a loaded run
     (:class:`~dist_subspace.training.reload.FinishedRun`) in ``mode``: each chunk one stacked pass of the mode's
     points, its rows shared out between the processes; yields each chunk's rows (on every process: the outputs
-    are gathered on all). Every process must be given the same chunks (see :func:`agreed_chunks`)."""
+    are gathered on all). Every process must be given the same chunks (see :func:`agreed_chunks`). A generation
+    run answers them instead, decoded as ``decoding`` says
+    (:func:`~dist_subspace.evaluation.responses.decode_responses`)."""
     import torch
 
     from dist_subspace.data.batching import Collator
+    from dist_subspace.evaluation.decoding import Decoding
     from dist_subspace.evaluation.points import Query, from_offset, mode_points
+    from dist_subspace.evaluation.responses import decode_responses
     from dist_subspace.evaluation.scoring import model_outputs
 
     kind, number = check_mode(mode)
@@ -290,9 +235,14 @@ def predict_chunks(run, chunks: Iterable[Sequence[Example]], mode: str, batch_si
     base, start = run.collator, 0
     for part in agreed_chunks(run.engine, chunks):
         collator = Collator(base.tokenizer, base.task, base.decoder, base.max_length)  # its token cache: one chunk
-        queries = [Query(part, from_offset(p, start)) for p in points]
-        logits = model_outputs(run.model, run.engine, queries, collator, batch_size)  # [N, C] per point
-        yield prediction_rows(run.task.label_names, torch.stack(logits).softmax(-1), kind == "ensemble")
+        shifted = [from_offset(p, start) for p in points]
+        if run.task.generation:
+            ensemble, decoding = kind == "ensemble", decoding or Decoding()
+            answers = decode_responses(run.model, run.engine, part, collator, shifted, ensemble, decoding, batch_size)
+            yield answers.rows()
+        else:
+            logits = model_outputs(run.model, run.engine, [Query(part, p) for p in shifted], collator, batch_size)
+            yield prediction_rows(run.task.label_names, torch.stack(logits).softmax(-1), kind == "ensemble")
         start += len(part)
 
 
@@ -304,8 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", default="centroid", help="centroid | vertex:I | ensemble:S (default: centroid)")
     parser.add_argument("--batch-size", type=int, default=32, help="rows (input x point) per forward")
     parser.add_argument("--chunk", type=int, default=CHUNK, help="inputs per stacked pass (and per read)")
+    parser.add_argument("--max-new-tokens", type=int, help="generation: tokens per response (the run's by default)")
+    parser.add_argument("--num-beams", type=int, help="generation: beam search at one point (the run's by default)")
     parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    from dist_subspace.evaluation.responses import decoding_options, generation_run
     from dist_subspace.training.reload import check_mode_fits, finished_run_config, load_finished_run
 
     try:  # everything a user can get wrong, before the model loads
@@ -316,15 +269,24 @@ def main(argv: list[str] | None = None) -> int:
         cfg = finished_run_config(args.run_dir)
         check_mode_fits(cfg, kind, number)
         text, pair, label = input_columns(cfg)
-        task = named_task(cfg)
+        task, generation, chat = named_task(cfg), generation_run(cfg), chat_run(cfg)
         if task is not None and task.regression:
             raise ConfigError(f"{task.name} is a regression task; predict labels classification tasks")
-        inputs = Inputs(args.data, text, pair, label, args.chunk)
+        if not generation and (args.max_new_tokens, args.num_beams) != (None, None):
+            raise ConfigError("--max-new-tokens and --num-beams are for a generation run; this run labels texts")
+        defaults = (cfg.eval.max_new_tokens, cfg.eval.num_beams)
+        args.decoding = decoding_options(kind, args.max_new_tokens, args.num_beams, defaults) if generation else None
+        keys = ("messages_field" if chat else "prompt_field", "") if generation else ("text_field", "text_pair_field")
+        inputs = Inputs(args.data, text, pair, label, args.chunk, chat, keys)
         total = inputs.count()  # every row read and checked once, a chunk at a time
     except USER_ERRORS as err:
         return say_error(err)
-    if inputs.labelled and is_main_rank():
-        print(f"warning: column {label!r} of {args.data} is ignored (predict only labels texts)", file=sys.stderr)
+    what = "predict generates the response" if generation else "predict only labels texts"
+    if is_main_rank() and inputs.labelled:
+        print(f"warning: column {label!r} of {args.data} is ignored ({what})", file=sys.stderr)
+    if is_main_rank() and inputs.answered:
+        ended = f"{inputs.answered} chat record(s) of {args.data} end with the assistant's answer"
+        print(f"warning: {ended}, which is ignored ({what})", file=sys.stderr)
 
     try:
         run = load_finished_run(args.run_dir, cfg)  # its own files (model, tokenizer, data): their refusals
@@ -361,7 +323,7 @@ def label_all(run, inputs: Iterable[Sequence[Example]], total: int, args: argpar
     main_process = run.engine.is_main
     bar = tqdm(total=total, desc="predict", unit="input", file=sys.stderr, disable=not main_process)
     with bar, row_writer(args.out) if main_process else nullcontext(None) as write:  # an error ends the bar's line
-        for rows in predict_chunks(run, watched(), args.mode, args.batch_size):
+        for rows in predict_chunks(run, watched(), args.mode, args.batch_size, args.decoding):
             if write is not None and not failed:
                 try:
                     write(rows)

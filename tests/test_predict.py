@@ -143,6 +143,7 @@ def _one_line_error(capsys) -> str:
         ("unknown_extension", "unsupported type '.txt'"),
         ("unknown_out_extension", "unknown extension '.xlsx'"),
         ("not_a_mode", "sampled:S scores S separate models"),
+        ("decoding_option", "--max-new-tokens and --num-beams are for a generation run; this run labels texts"),
     ],
 )
 def test_bad_inputs_are_one_line_exit_2_and_leave_no_file(run, tmp_path, capsys, case, expect):
@@ -166,6 +167,8 @@ def test_bad_inputs_are_one_line_exit_2_and_leave_no_file(run, tmp_path, capsys,
         data.write_text("the film was great\n")
     elif case == "unknown_out_extension":
         out = out.with_suffix(".xlsx")
+    elif case == "decoding_option":
+        extra = ["--max-new-tokens", "4"]
     else:
         extra = ["--mode", "sampled:2"]
     capsys.readouterr()
@@ -383,7 +386,9 @@ def test_a_failed_write_is_one_line_exit_1_and_leaves_no_file(run, inputs, tmp_p
 
         return write
 
-    monkeypatch.setattr(predict_command, "_file_writer", full_disk)
+    from dist_subspace.data import writing
+
+    monkeypatch.setattr(writing, "_file_writer", full_disk)
     out = tmp_path / "out" / "labels.csv"
     out.parent.mkdir()
     capsys.readouterr()

@@ -1,6 +1,7 @@
 """Reading labelled tables: local files (csv, tsv, json lines, parquet) as pandas frames, whole or a chunk of rows at
 a time (:func:`table_chunks`, for inputs larger than memory), with a one-line error for a missing, empty, unreadable
-or cut-short file, and their rows as examples (text, pair, label, id; :func:`text_chunks` streams unlabelled ones)."""
+or cut-short file, and their rows as examples (text, pair, label, id; :func:`text_chunks` streams unlabelled ones, or
+chat records to answer)."""
 
 from __future__ import annotations
 
@@ -105,42 +106,74 @@ def table_chunks(path: str | Path, rows: int, columns: Sequence[str] | None = No
         raise _no_rows(path)
 
 
-def text_chunks(path: str | Path, text: str, pair: str | None, chunk: int, where: str) -> Iterator[list[Example]]:
+def text_chunks(
+    path: str | Path, text: str, pair: str | None, chunk: int, where: str, chat: bool = False
+) -> Iterator[list[Example]]:
     """The rows of ``path`` as unlabelled examples (``label`` 0, ``id`` the row number), ``chunk`` at a time in file
     order, read ``max(chunk, READ_ROWS)`` rows at a time: one read held at a time, chunks running across reads.
-    Only the text columns are read from .csv/.tsv/.parquet (each must be in :func:`table_header`).
+    Only the text columns are read from .csv/.tsv/.parquet (each must be in :func:`table_header`). ``chat``: column
+    ``text`` holds chat records to answer, each example's ``messages`` (:func:`chat_prompt`; ``text`` empty).
 
-    A row whose text (or pair text) is empty, only whitespace, or absent from a JSON row is a one-line ValueError
-    naming the row (``where`` first), raised when its chunk is made; an unreadable part as :func:`table_chunks`'s."""
+    A row whose text (or pair text) is empty, only whitespace, or absent from a JSON row, or (``chat``) not a chat
+    record ending with the user's message, is a one-line ValueError naming the row (``where`` first), raised when its
+    chunk is made; an unreadable part as :func:`table_chunks`'s."""
     path = Path(path)
     wanted = [c for c in (text, pair) if c is not None] if path.suffix.lower() in (".csv", ".tsv", ".parquet") else None
     start, texts, pairs = 0, [], []  # the rows read and not yet yielded
     for frame in table_chunks(path, max(chunk, READ_ROWS), wanted):
-        texts, pairs = texts + _column(frame, text), pairs + _column(frame, pair)
+        texts, pairs = texts + _column(frame, text, chat), pairs + _column(frame, pair)
         at = 0
         while len(texts) - at >= chunk:
-            yield _unlabelled(texts[at : at + chunk], pairs[at : at + chunk], start + at, where, text, pair)
+            yield _unlabelled(texts[at : at + chunk], pairs[at : at + chunk], start + at, where, text, pair, chat)
             at += chunk
         texts, pairs, start = texts[at:], pairs[at:], start + at
     if texts:
-        yield _unlabelled(texts, pairs, start, where, text, pair)
+        yield _unlabelled(texts, pairs, start, where, text, pair, chat)
 
 
-def _column(frame, column: str | None) -> list:
-    """A read's cells of ``column`` as text (None for no column; empty where a JSON read lacks it)."""
+def _column(frame, column: str | None, raw: bool = False) -> list:
+    """A read's cells of ``column`` as text (None for no column; empty where a JSON read lacks it); ``raw``: as
+    read (None where a JSON read lacks it)."""
     if column is None:
         return [None] * len(frame)
-    return [_text(v) for v in frame[column].tolist()] if column in frame.columns else [""] * len(frame)
+    if column not in frame.columns:
+        return [None if raw else ""] * len(frame)
+    return frame[column].tolist() if raw else [_text(v) for v in frame[column].tolist()]
 
 
-def _unlabelled(texts: list[str], pairs: list, start: int, where: str, text: str, pair: str | None) -> list[Example]:
+def _unlabelled(
+    texts: list, pairs: list, start: int, where: str, text: str, pair: str | None, chat: bool = False
+) -> list[Example]:
     examples = []
     for i, (t, p) in enumerate(zip(texts, pairs, strict=True), start):
+        if chat:
+            messages, answered = chat_prompt(t, f"{where}: row {i} of column {text!r}")
+            chat_row = {"text": "", "text_pair": None, "messages": messages, "answered": answered}
+            examples.append({**chat_row, "label": 0, "id": i})
+            continue
         empty = [c for c, v in ((text, t), (pair, p)) if c is not None and not v.strip()]
         if empty:
             raise ValueError(f"{where}: row {i} has an empty text in column {empty[0]!r}; fill or remove such rows")
         examples.append({"text": t, "text_pair": p, "label": 0, "id": i})
     return examples
+
+
+def chat_prompt(record, where: str) -> tuple[list[dict], bool]:
+    """A chat record to answer -> its messages (``{"role", "content"}``, contents as text) up to the user's last
+    message, and whether it went on with an assistant's answer (dropped: the answer is what is to be generated).
+    Anything else (not a list of such messages, no user's message last) is a one-line ValueError (``where``)."""
+    if hasattr(record, "tolist") and not isinstance(record, str):
+        record = record.tolist()  # parquet's list of structs: a numpy array of dicts
+    messages = list(record) if isinstance(record, (list, tuple)) else []
+    valid = bool(messages) and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages)
+    answered = valid and messages[-1]["role"] == "assistant"
+    messages = messages[:-1] if answered else messages
+    if not valid or not messages or messages[-1]["role"] != "user" or not str(messages[-1]["content"]).strip():
+        raise ValueError(
+            f'{where} is not a chat record ending with the user\'s message: a list of {{"role", "content"}} messages '
+            'whose last is {"role": "user", "content": "..."} (or an assistant\'s answer after it, which is ignored)'
+        )
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages], answered
 
 
 def _chunks(path: Path, rows: int, columns: Sequence[str] | None) -> Iterator:
