@@ -3,10 +3,16 @@
     python -m dist_subspace.generate runs/default --prompt "The film was" --max-new-tokens 20
     python -m dist_subspace.generate runs/default --prompt "The film was" --point vertex:1
     python -m dist_subspace.generate runs/default --prompt "A" --prompt "B" --point alpha=0.5,0.3,0.2
+    python -m dist_subspace.generate runs/default --prompt "The film was" --point ensemble:8
 
 The mixed prefix fills the first P positions of a plain ``DynamicCache``; the prompt then runs at positions P, P+1,
 ... (as in training) and decoding continues one token at a time on that cache. Greedy by default; ``--temperature``
 samples (``--seed``). Prints one JSON object: the point, its alpha, and each prompt's completion and new token ids.
+
+``--point ensemble:S`` decodes from the mixture of S points, drawn per prompt (and per layer) as evaluation draws
+them (:func:`~dist_subspace.evaluation.decoding.decode_texts`): its alpha is null, and each result adds ``entropy``
+(the mixture's mean entropy per generated token) and ``disagreement`` (the share of the S points whose own response
+differs). ``--num-beams N`` runs beam search at one point (not with an ensemble, nor with ``--temperature``).
 
 From Python::
 
@@ -26,7 +32,7 @@ from torch import nn
 
 from dist_subspace.core import simplex
 from dist_subspace.core.cli import USER_ERRORS, exit_now, user_error
-from dist_subspace.core.config import ConfigError
+from dist_subspace.core.config import ConfigError, check_eval_mode
 
 
 def parse_point(point: str, num_vertices: int) -> torch.Tensor:
@@ -183,27 +189,97 @@ def generate(
     return results
 
 
+class _OneProcess:
+    """What decoding asks of an engine, for this one process."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def any_rank(self, flag: bool) -> bool:
+        return flag
+
+    def gather_objects(self, obj) -> list:
+        return [obj]
+
+
+def subspace_model(backbone: nn.Module, vertices: torch.Tensor):
+    """A prefix subspace over ``backbone`` holding a run's ``vertices`` ``[K, L, 2, H_kv, P, D]`` (generation only: no
+    verbalizer), on the backbone's device."""
+    from dist_subspace.core.model import PrefixSubspaceModel
+
+    model = PrefixSubspaceModel(backbone, vertices.shape[0], vertices.shape[4], label_token_ids=[])
+    model.simplex.vertices.data.copy_(vertices)
+    return model.place(next(backbone.parameters()).device).eval()
+
+
+def generate_decoded(
+    model, tokenizer, point: str | torch.Tensor, prompts: Sequence[str], decoding, sampling: str = "example_layer"
+) -> list[dict]:
+    """Complete each prompt through :func:`~dist_subspace.evaluation.decoding.decode_texts` with ``model``
+    (:func:`subspace_model`): at the point alpha ``[K]``, or for ``ensemble:S`` from the mixture of S points drawn
+    (granularity ``sampling``) as evaluation draws them, with each prompt's ``entropy`` and ``disagreement``
+    (:func:`~dist_subspace.evaluation.responses.decode_responses`). Returns :func:`generate`'s dicts."""
+    from dist_subspace.data.batching import Collator
+    from dist_subspace.evaluation.points import mode_points
+    from dist_subspace.evaluation.responses import PLAIN_PROMPTS, decode_responses
+
+    ensemble = isinstance(point, str)
+    points = mode_points(model, *check_eval_mode(point), sampling) if ensemble else [point]
+    collator = Collator(tokenizer, PLAIN_PROMPTS, True, max_length=1 << 30)  # a prompt is never cut
+    examples = [{"text": prompt, "text_pair": None, "label": "", "id": i} for i, prompt in enumerate(prompts)]
+    responses = decode_responses(model, _OneProcess(), examples, collator, points, ensemble, decoding)
+    results, eos = [], tokenizer.eos_token_id
+    for n, (prompt, ids) in enumerate(zip(prompts, responses.decoded.token_ids, strict=True)):
+        ids = [*ids, eos] if len(ids) < decoding.max_new_tokens else ids  # it ended: with its end-of-sequence token
+        completion = tokenizer.decode(ids, skip_special_tokens=True)
+        results.append({"prompt": prompt, "completion": completion, "new_token_ids": ids})
+        if ensemble:
+            results[-1].update(entropy=responses.decoded.entropy[n], disagreement=responses.disagreement[n])
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dist_subspace.generate", description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
-    parser.add_argument("--point", default="centroid", help="centroid | vertex:I | alpha=a,b,... (default centroid)")
+    parser.add_argument(
+        "--point", default="centroid", help="centroid | vertex:I | alpha=a,b,... | ensemble:S (default centroid)"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0 samples")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search at one point (default 1: none)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)
     try:
+        from dist_subspace.core.config import load_config
+        from dist_subspace.evaluation.responses import decoding_options
+
         if args.max_new_tokens < 1 or args.temperature < 0:
             raise ConfigError("--max-new-tokens must be >= 1 and --temperature >= 0")
-        alpha = parse_point(args.point, read_vertices(args.run_dir).shape[0])  # before the slow part
+        ensemble, alpha = args.point.startswith("ensemble:"), None
+        if ensemble and not (args.point[9:].isdigit() and int(args.point[9:]) > 0):
+            raise ConfigError(f"--point {args.point!r}: ensemble:S mixes S >= 1 points, e.g. ensemble:8")
+        kind = "ensemble" if ensemble else "point"
+        decoding = decoding_options(kind, args.max_new_tokens, args.num_beams, (32, 1), args.temperature, args.seed)
+        if not ensemble:
+            alpha = parse_point(args.point, read_vertices(args.run_dir).shape[0])  # before the slow part
         backbone, tokenizer, vertices = load_run(args.run_dir, getattr(torch, args.dtype))
-        results = generate(
-            backbone, tokenizer, vertices, alpha, args.prompt, args.max_new_tokens, args.temperature, args.seed
-        )
+        if ensemble or decoding.num_beams > 1:  # decode_texts: a mixture, or beam search
+            sampling = load_config(args.run_dir / "config.yaml").simplex.sampling
+            point = args.point if ensemble else alpha
+            results = generate_decoded(
+                subspace_model(backbone, vertices), tokenizer, point, args.prompt, decoding, sampling
+            )
+        else:
+            results = generate(
+                backbone, tokenizer, vertices, alpha, args.prompt, args.max_new_tokens, args.temperature, args.seed
+            )
     except USER_ERRORS as err:
         return user_error(err)
-    print(json.dumps({"point": args.point, "alpha": alpha.tolist(), "results": results}), flush=True)
+    print(
+        json.dumps({"point": args.point, "alpha": None if alpha is None else alpha.tolist(), "results": results}),
+        flush=True,
+    )
     return 0
 
 

@@ -1,4 +1,6 @@
-"""Generation at a point of a trained simplex: PEFT's generation with the exported adapter, token for token."""
+"""Generation at a point of a trained simplex: PEFT's generation with the exported adapter, token for token; from
+the mixture of an ensemble's points (``--point ensemble:S``) and with beam search, through the decoding that
+evaluation and predict use."""
 
 import json
 
@@ -8,7 +10,7 @@ import torch
 from dist_subspace.core import simplex
 from dist_subspace.core.export import save_peft_prefix
 from dist_subspace.core.model import PrefixSubspaceModel
-from dist_subspace.generate import generate, generate_ids, load_run, main, parse_point
+from dist_subspace.generate import generate, generate_decoded, generate_ids, load_run, main, parse_point, subspace_model
 from tests.conftest import run_args, tiny_backbone
 from tests.test_families import reference_mask
 
@@ -113,6 +115,81 @@ def test_command_prints_one_json_and_refuses_a_bad_point(short_run, capsys):
     assert err.startswith("error: --point 'alpha=0.5,0.5'") and err.count("\n") == 1
     assert main([str(short_run / "final"), "--prompt", "x"]) == 2
     assert "pass the folder of a finished run" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_decoding_at_a_point_through_decode_texts_equals_generate(short_run, loaded):
+    """The path of --num-beams and ensembles (evaluation's decode_texts, on a PrefixSubspaceModel) decodes greedily
+    what generate() does, token for token (generate() equals PEFT's forward: above)."""
+    from dist_subspace.evaluation.decoding import Decoding
+
+    backbone, tokenizer, vertices = loaded
+    alpha = parse_point("alpha=0.5,0.3,0.2", 3)
+    want = generate(backbone, tokenizer, vertices, alpha, PROMPTS, max_new_tokens=6)
+    fresh, _, _ = load_run(short_run)  # a backbone of its own: the model wrapper changes its attention path
+    got = generate_decoded(subspace_model(fresh, vertices), tokenizer, alpha, PROMPTS, Decoding(6))
+    assert [g["new_token_ids"] for g in got] == [w["new_token_ids"] for w in want]
+    assert [g["completion"] for g in got] == [w["completion"] for w in want]
+
+
+@pytest.mark.slow
+def test_an_ensemble_point_decodes_from_the_mixture_of_evaluations_points(short_run, capsys):
+    """--point ensemble:3: alpha null, each prompt's entropy and disagreement, and the responses decode_texts gives
+    for the run's own model at the 3 points evaluation draws (the same prompt, the same point)."""
+    from dist_subspace.data.batching import Collator
+    from dist_subspace.evaluation.decoding import Decoding
+    from dist_subspace.evaluation.points import mode_points
+    from dist_subspace.evaluation.responses import PLAIN_PROMPTS, decode_responses
+    from dist_subspace.training.reload import finished_run_config, load_finished_run
+
+    capsys.readouterr()
+    argv = [str(short_run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "5"]
+    assert main([*argv, "--point", "ensemble:3"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["point"] == "ensemble:3" and out["alpha"] is None
+    for result in out["results"]:
+        assert len(result["new_token_ids"]) <= 5 and result["entropy"] > 0
+        assert result["disagreement"] * 3 == pytest.approx(round(result["disagreement"] * 3))
+    run = load_finished_run(short_run, finished_run_config(short_run))
+    try:
+        points = mode_points(run.model, "ensemble", 3, run.cfg.simplex.sampling)
+        collator = Collator(run.collator.tokenizer, PLAIN_PROMPTS, True)
+        examples = [{"text": p, "text_pair": None, "label": "", "id": i} for i, p in enumerate(PROMPTS)]
+        want = decode_responses(run.model, run.engine, examples, collator, points, True, Decoding(5))
+    finally:
+        run.end()
+    assert [r["completion"].strip() for r in out["results"]] == want.decoded.texts
+    assert [r["disagreement"] for r in out["results"]] == want.disagreement
+    assert main([*argv, "--point", "ensemble:1"]) == 0  # one point: its mixture is itself, so nothing disagrees
+    assert [r["disagreement"] for r in json.loads(capsys.readouterr().out)["results"]] == [0.0, 0.0]
+
+
+@pytest.mark.slow
+def test_beam_search_at_a_point_through_generates_command(short_run, capsys):
+    """--num-beams at a point: transformers' beam search with the prefix in its cache (evaluation's beam_rows,
+    tested against the prefix written out in tests/test_generation.py), each prompt's own beams, the point's alpha."""
+    capsys.readouterr()
+    argv = [str(short_run), "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "4"]
+    assert main([*argv, "--num-beams", "3", "--point", "vertex:1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["alpha"] == [0.0, 1.0, 0.0] and [r["prompt"] for r in out["results"]] == PROMPTS
+    assert all(1 <= len(r["new_token_ids"]) <= 4 and "entropy" not in r for r in out["results"])
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["--point", "ensemble:3", "--num-beams", "2"], "--num-beams 2: an ensemble decodes from the mixture"),
+        (["--num-beams", "2", "--temperature", "0.5"], "--num-beams 2 searches, it does not sample"),
+        (["--point", "ensemble:0"], "--point 'ensemble:0': ensemble:S mixes S >= 1 points"),
+        (["--num-beams", "0"], "--max-new-tokens and --num-beams must be >= 1"),
+    ],
+)
+def test_a_decoding_it_cannot_do_is_one_line_before_anything_loads(tmp_path, capsys, args, expect):
+    """Refused before the run folder is even read (tmp_path is no run)."""
+    assert main([str(tmp_path), "--prompt", "x", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expect}") and err.count("\n") == 1
 
 
 def test_points_parse():
