@@ -1,7 +1,8 @@
 """The model card of an export, ``final/README.md``, in the format of the adapters people share (the cards PEFT and
 transformers' Trainer write): a YAML front matter block (``base_model``, ``library_name``, ``tags``, the test
-result as ``model-index``), then sections: the model, the task and protocol, how the step was selected, the test
-results, how to load it, and the command that trained it.
+result as ``model-index``), then sections: the model, the task (its kind: classification, regression or text
+generation) and protocol, how the step was selected, the test results (a generation task's every generation
+metric), how to load and use it, and the command that trained it.
 
 :func:`render_card` is pure (the recipe's finish gathers the facts); :func:`training_command` reads the command
 line and launcher from ``sys.argv`` and the environment it is given.
@@ -21,10 +22,11 @@ import yaml
 
 from dist_subspace.core.config import Config
 from dist_subspace.core.embedded import EMBEDDED_MODELS
-from dist_subspace.data.tasks import FewShotSplits
+from dist_subspace.data.tasks import LOSS_METRICS, FewShotSplits, TaskSpec
 
 SAMPLING = {"batch": "per step", "example": "per example", "example_layer": "per example and per layer"}
 VERSIONED = ("dist_subspace", "torch", "transformers", "accelerate", "deepspeed", "peft")
+GENERATION_SCORES = ("rougeL", "bleu", "chrf", "exact_match", "loss", "perplexity")  # a generation card's test table
 PAPER = "Falissard, Guigue & Soulier, *Improving generalization in large language models fine-tuning with prefix subspaces*, EMNLP Findings 2023"  # noqa: E501
 
 
@@ -41,6 +43,7 @@ class CardFacts:
     command: str  # the command that trained it (:func:`training_command`)
     world_size: int = 1
     replica: int | None = None  # with simplex.replicas > 1: which seed replica this folder is
+    test_scores: Mapping[str, Any] = field(default_factory=dict)  # the selected simplex's test row (generation)
     versions: Mapping[str, str] = field(default_factory=lambda: package_versions())
 
 
@@ -106,12 +109,36 @@ def _protocol(cfg: Config) -> str:
     return f"`{d.protocol}`: {drawn}, drawn with `data.seed={d.seed}`; {test}"
 
 
+def task_kind(task: TaskSpec) -> str:
+    """What the task asks of the model, in words: text generation, regression or classification."""
+    return "text generation" if task.generation else "regression" if task.regression else "classification"
+
+
+def _generation_lines(cfg: Config, facts: CardFacts) -> list[str]:
+    """A generation card's test scores, each one (when the run's finish gave them), and how they were decoded."""
+    e, scores = cfg.eval, facts.test_scores
+    how = f"beam search ({e.num_beams} beams)" if e.num_beams > 1 else "greedy"
+    lines = [
+        "",
+        f"Test responses decoded ({how}, at most `eval.max_new_tokens={e.max_new_tokens}` tokens) and scored against "
+        "the references on a 0..1 scale; `loss` is the teacher-forced loss per response token.",
+    ]
+    shown = [key for key in (*GENERATION_SCORES, "entropy") if key in scores]
+    if shown:
+        lines += ["", "| metric | selected |", "|---|---|", *(f"| {k} | {_number(scores[k])} |" for k in shown)]
+    return lines
+
+
 def render_card(cfg: Config, facts: CardFacts) -> str:
     """``final/README.md`` of one run folder (one seed replica): front matter, then the model, task and protocol,
     selection, test results (each with its mode), how to load the centroid with PEFT (decoders) and the whole
     simplex with ``load_run``, and the command that trained it."""
     k, p, s = cfg.simplex.vertices, cfg.prefix.length, facts.summary
-    metric, task = facts.splits.task.metric, facts.splits.task.name
+    spec = facts.splits.task
+    metric, task, generation = spec.metric, spec.name, spec.generation
+    pipeline = "text-generation" if generation else "text-classification"
+    select = cfg.eval.select_metric or spec.select_metric  # what the dev score is
+    best = "lowest" if select in LOSS_METRICS else "best"
     base, lora = cfg.model.name_or_path, cfg.model.adapter == "lora"
     name = Path(facts.run_dir).name
     mode, select_by, step = s.get("mode", cfg.eval.mode), cfg.eval.select_by, s.get("selected_step")
@@ -120,13 +147,13 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
         "base_model": base,
         "library_name": "dist_subspace",
         "tags": tags,
-        "pipeline_tag": "text-classification",
+        "pipeline_tag": pipeline,
         "metrics": [metric],
     }
     if isinstance(s.get("test_final"), float):
         result = {"type": metric, "value": float(s["test_final"]), "name": f"test {metric} ({mode}, step {step})"}
         dataset = {"name": task, "type": task, "split": "test"}
-        results = [{"task": {"type": "text-classification"}, "dataset": dataset, "metrics": [result]}]
+        results = [{"task": {"type": pipeline}, "dataset": dataset, "metrics": [result]}]
         front["model-index"] = [{"name": name, "results": results}]
     what = (
         f"a LoRA baseline (rank {cfg.lora.rank}) over the frozen `{base}`"
@@ -167,7 +194,7 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
         "",
         "## Task and protocol",
         "",
-        f"- task: `{task}`, metric: {metric}",
+        f"- task: `{task}` ({task_kind(spec)}), metric: {metric}",
         f"- protocol: {_protocol(cfg)}",
         f"- examples: {counts}",
         f"- seeds: {seeds}",
@@ -177,7 +204,7 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
         "## Selection",
         "",
         f"Dev was scored every {t.eval_every} steps and at the last; the exported simplex is the one of step "
-        f"{step}, the best dev {metric} in `eval.select_by={select_by}` ({_number(facts.dev_score)}; the first such "
+        f"{step}, the {best} dev {select} in `eval.select_by={select_by}` ({_number(facts.dev_score)}; the first such "
         "step on ties).",
         "",
         "## Test results",
@@ -193,6 +220,8 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
     for key, value in s.items():
         if key.startswith("test_final_"):
             lines.append(f"| selected (step {step}) | `{key.removeprefix('test_final_')}` | {_number(value)} |")
+    if generation:
+        lines += _generation_lines(cfg, facts)
     lines += ["", "## How to use", ""]
     load_base = f'resolve_model("{base}")' if base in EMBEDDED_MODELS else f'"{base}"'
     embedded = "from dist_subspace.core.embedded import resolve_model\n" if base in EMBEDDED_MODELS else ""
@@ -222,6 +251,17 @@ def render_card(cfg: Config, facts: CardFacts) -> str:
     else:
         what_is = "the LoRA tensors (`adapter.*`)" if lora else "the vertices and the K heads"
         lines += [f"`final/simplex.safetensors` holds {what_is}; score it in any mode with the evaluate command.", ""]
+    if generation:
+        lines += [
+            "Answer new prompts (a file with a `prompt` column, or your run's `data.prompt_field` or chat records), "
+            "from the mixture of 8 points with how much they disagree:",
+            "",
+            "```bash",
+            f"python -m dist_subspace.predict {shlex.quote(facts.run_dir)} --data prompts.csv --out answers.csv "
+            "--mode ensemble:8",
+            "```",
+            "",
+        ]
     lines += [
         f"Score it: `python -m dist_subspace.evaluate {shlex.quote(facts.run_dir)} --mode {mode} --split test`.",
         "",

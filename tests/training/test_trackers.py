@@ -188,6 +188,50 @@ def test_the_card_says_how_a_stratified_run_drew_its_examples():
     assert "`stratified`: 100 training examples and 1000 dev examples, each stratified by class" in card
 
 
+def test_a_generation_card_names_its_kind_its_decoding_and_every_test_metric():
+    """A generation run's card: text generation (its pipeline tag too), selected by the lowest dev loss, and the
+    selected simplex's every test score (the generation metrics and the loss), with how test was decoded."""
+    cfg = load_config(
+        None, ["data.task=bbc_headlines", "data.protocol=first_n", "data.first_n=100", "eval.max_new_tokens=24"]
+    )
+    splits = FewShotSplits(TASKS["bbc_headlines"], [{}] * 100, [{}] * 1000, [{}] * 1000)
+    summary = {"test_initial": 0.05, "test_final": 0.21, "selected_step": 30, "mode": "centroid"}
+    scores = {
+        "loss": 3.25,
+        "perplexity": 25.79,
+        "bleu": 0.04,
+        "chrf": 0.2,
+        "rougeL": 0.21,
+        "exact_match": 0.0,
+        "n": 1000,
+    }
+    facts = CardFacts("runs/h", "decoder", 30, splits, summary, 3.1, "python -m x", versions={}, test_scores=scores)
+    card = render_card(cfg, facts)
+    front = _front_matter(card)
+    assert front["pipeline_tag"] == "text-generation" and front["metrics"] == ["rougeL"]
+    assert front["model-index"][0]["results"][0]["task"]["type"] == "text-generation"
+    assert "- task: `bbc_headlines` (text generation), metric: rougeL" in card
+    assert (
+        "the exported simplex is the one of step 30, the lowest dev loss in `eval.select_by=centroid` (3.1000" in card
+    )
+    assert "| selected (step 30) | `centroid` | 0.2100 |" in card
+    for row in ("| rougeL | 0.2100 |", "| bleu | 0.0400 |", "| exact_match | 0.0000 |", "| perplexity | 25.7900 |"):
+        assert row in card
+    assert "(greedy, at most `eval.max_new_tokens=24` tokens)" in card and "| n |" not in card
+    assert "python -m dist_subspace.predict runs/h --data prompts.csv --out answers.csv --mode ensemble:8" in card
+    classifier = render_card(
+        load_config(None, []), CardFacts("runs/c", "decoder", 30, splits_of("sst2"), summary, 0.8, "x")
+    )
+    assert "(classification), metric: accuracy" in classifier and "the best dev accuracy" in classifier
+    assert (
+        _front_matter(classifier)["pipeline_tag"] == "text-classification" and "dist_subspace.predict" not in classifier
+    )
+
+
+def splits_of(task: str) -> FewShotSplits:
+    return FewShotSplits(TASKS[task], [{}] * 32, [{}] * 32, [{}] * 872)
+
+
 # ---- real runs, read back --------------------------------------------------------------------------
 def _rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
