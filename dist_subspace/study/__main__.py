@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         "(OUT/pilot.json, OUT/pilot.md); trains no unit",
     )
     parser.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="keep every finished unit's summaries, metrics and configs in DIR (small: commit it) and take back "
+        "from it the units this machine's output_dir lacks",
+    )
+    parser.add_argument(
         "--retrain-changed",
         action="store_true",
         help="units trained under another spec (a changed base, say) move to OUT/replaced/ and train again "
@@ -65,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
             record = pilot(spec, {m: model_kind(m) for m in spec.models}, Path(spec.output_dir))
             print(pilot_markdown(record))
             return 0
-        result = run_study(spec, args.dry_run, args.stop_after, args.workers, args.launcher, args.retrain_changed)
+        result = run_study(
+            spec, args.dry_run, args.stop_after, args.workers, args.launcher, args.retrain_changed, args.archive
+        )
     except StudyFailed as err:  # the report is written with the other units; a fault, not a bad input
         print(f"error: {err}", file=sys.stderr)
         return 1

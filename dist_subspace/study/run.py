@@ -32,7 +32,16 @@ from dist_subspace.study.spec import (
     task_label,
 )
 from dist_subspace.study.spread import metrics_rows
-from dist_subspace.study.state import claim, config_changes, describe_claim, read_summary, set_aside, unit_done
+from dist_subspace.study.state import (
+    archive_units,
+    claim,
+    config_changes,
+    describe_claim,
+    read_summary,
+    restore_units,
+    set_aside,
+    unit_done,
+)
 
 # Fallback seconds per replica-run when the study has no timing of its own yet (2-core CPU, one thread,
 # 16 shots, 40 steps, 1,000 test examples): a first guess for --dry-run, replaced by measured times.
@@ -145,13 +154,18 @@ def run_study(
     workers: int = 1,
     launcher: str = "local",
     retrain_changed: bool = False,
+    archive: Path | None = None,
 ) -> dict:
     """Train every unfinished unit (``workers`` at once, through ``launcher``: :mod:`dist_subspace.study.fanout`),
     then report. Returns the report (see :mod:`dist_subspace.study.report`); raises :class:`StudyFailed` after
-    writing it when a unit failed or another process holds one."""
+    writing it when a unit failed or another process holds one. ``archive``: a folder that keeps every finished
+    unit's summaries, metrics and configs (small, committable): units missing here are taken back from it first,
+    and it is brought up to date after each unit, so a study survives a machine that loses its runs/."""
     root = Path(spec.output_dir)
     kinds = {m: model_kind(m) for m in spec.models}
     units = plan_units(spec, kinds)
+    if archive is not None and (restored := restore_units(spec, units, root, archive)):
+        print(f"[study] {restored} finished unit(s) taken back from {archive}", flush=True)
     for unit in units:  # every run's config is checked before the first one starts
         for run in run_overrides(spec, unit, root):
             load_config(None, as_overrides(run))
@@ -184,6 +198,8 @@ def run_study(
         if status == "done":
             print(f"[study] [{n}/{len(batch)}] {_name(unit)}: finished by another process", flush=True)
             continue
+        if archive is not None:
+            archive_units(spec, [unit], root, archive)
         tests = [read_summary(d)["test_final"] for d in replica_dirs(spec, unit, root)]
         means[(unit.task, unit.model)] = seconds / spec.seeds_for(unit.model)  # the newest is the best guess
         left = sum(estimate_seconds(spec, u, kinds[u.model], means) for u in batch[n:]) / workers

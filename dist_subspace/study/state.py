@@ -126,3 +126,49 @@ def set_aside(unit: Unit, root: Path) -> Path:
     where.parent.mkdir(parents=True, exist_ok=True)
     folder.rename(where)
     return where
+
+
+# ---- an archive of finished units ----------------------------------------------------------------
+# What the report reads of a finished unit, small enough to commit: its summaries, metrics, configs and manifests,
+# without any weights (a restored unit is reported, not evaluated again).
+ARCHIVED = ("unit.json", CONFIGS)
+ARCHIVED_PER_RUN = ("summary.json", "config.yaml", "metrics.jsonl", "examples.json", "final/simplex_config.json")
+
+
+def _archived_files(spec: StudySpec, unit: Unit, root: Path) -> list[Path]:
+    folder = unit.folder(root)
+    files = [folder / name for name in ARCHIVED]
+    for run in replica_dirs(spec, unit, root):
+        files += [run / name for name in ARCHIVED_PER_RUN]
+        files += sorted(run.glob("final_by/*/simplex_config.json"))
+    return [f for f in files if f.is_file()]
+
+
+def archive_units(spec: StudySpec, units: list[Unit], root: Path, archive: Path) -> int:
+    """Copy every finished unit's :data:`ARCHIVED` files from ``root`` into ``archive`` (the same tree); returns
+    how many units were archived."""
+    count = 0
+    for unit in units:
+        if not unit_done(spec, unit, root):
+            continue
+        for file in _archived_files(spec, unit, root):
+            target = archive / file.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+        count += 1
+    return count
+
+
+def restore_units(spec: StudySpec, units: list[Unit], root: Path, archive: Path) -> int:
+    """Copy back from ``archive`` every unit finished there whose folder ``root`` lacks (a new machine's empty
+    runs/); a unit present in ``root`` is left as it is. Returns how many units were restored."""
+    count = 0
+    for unit in units:
+        if unit.folder(root).exists() or not unit_done(spec, unit, archive):
+            continue
+        for file in _archived_files(spec, unit, archive):
+            target = root / file.relative_to(archive)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(file.read_bytes())
+        count += 1
+    return count

@@ -426,3 +426,19 @@ def test_the_pilot_extrapolates_a_unit_from_its_rates_and_sizes():
     assert cost["train"] == pytest.approx(160.0) and cost["dev"] == pytest.approx(10 * 32 * 9 * 10 * 0.01)
     assert cost["test"] == pytest.approx(1000 * 19 * 10 * 0.01)
     assert cost["total"] == pytest.approx(40 + 160 + 288 + 1900)
+
+
+def test_an_archive_brings_finished_units_back_to_a_machine_without_its_runs(small_assets, tmp_path, capsys):
+    """--archive keeps each finished unit's summaries, metrics and configs (no weights); on a machine whose
+    output_dir is gone, the same command takes them back and trains nothing, with the same table."""
+    out, archive = tmp_path / "study", tmp_path / "archive"
+    args = [*_small_study(tmp_path, small_assets, out, methods=("k1",)), "--archive", str(archive)]
+    assert study_main(args) == 0
+    table = _table(out)
+    assert not list(archive.rglob("*.safetensors")) and list(archive.rglob("summary.json"))
+    shutil.rmtree(out)
+    capsys.readouterr()
+    assert study_main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 finished unit(s) taken back" in printed and "training 0 unit(s)" in printed
+    assert _table(out) == table
