@@ -54,7 +54,7 @@ class FinishStage:
                 f"test {metric} after training ({cfg.eval.mode}, selected by {rule}): "
                 f"{format_values(self.summaries, f'test_final{suffix}')}"
             )
-            self._save_finals(rule, "final" if primary else f"final_by/{rule_folder(rule)}")
+            self._save_finals(rule, "final" if primary else f"final_by/{rule_folder(rule)}", finals)
         select_metric = cfg.eval.select_metric or self.task.select_metric  # what dev_score is (a loss: lower)
         for r, summary in enumerate(self.summaries):
             summary.update(metric=metric, select_metric=select_metric, mode=cfg.eval.mode, replica=r)
@@ -73,8 +73,9 @@ class FinishStage:
         self.engine.barrier()
         return self.summaries
 
-    def _save_finals(self, rule: str, name: str) -> None:
-        """Each replica's simplex as the model holds it now (``rule``'s best) into ``REPLICA/name/``."""
+    def _save_finals(self, rule: str, name: str, finals: list[dict]) -> None:
+        """Each replica's simplex as the model holds it now (``rule``'s best) into ``REPLICA/name/``; ``finals``:
+        each replica's test row of it (the card's scores)."""
         cfg = self.cfg
         with stop_if_write_fails(self.engine, [d / name for d in self.dirs], self.out):  # the checkpoints stay
             if self.engine.is_main:
@@ -91,11 +92,12 @@ class FinishStage:
                         "data_seed": cfg.data.seed + r,
                     }
                     tensors_r = replica_slice(tensors, r, cfg.simplex.vertices)
-                    card = self._card(r, summary, rule) if name == "final" else None
+                    card = self._card(r, summary, rule, finals[r]) if name == "final" else None
                     save_final(self.dirs[r] / name, self.model, info, tensors_r, card)
 
-    def _card(self, r: int, summary: dict, rule: str) -> str:
-        """Replica ``r``'s model card (``final/README.md``), its simplex selected by ``rule``."""
+    def _card(self, r: int, summary: dict, rule: str, scores: dict) -> str:
+        """Replica ``r``'s model card (``final/README.md``), its simplex selected by ``rule`` and scored ``scores``
+        on test."""
         facts = CardFacts(
             run_dir=str(self.dirs[r]),
             kind=self.model.spec.kind,
@@ -106,6 +108,7 @@ class FinishStage:
             command=self.command,
             world_size=self.engine.world_size,
             replica=r if self.replicas > 1 else None,
+            test_scores={k: v for k, v in scores.items() if isinstance(v, (int, float))},
         )
         return render_card(replica_config(self.cfg, r), facts)
 

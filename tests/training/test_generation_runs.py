@@ -46,6 +46,8 @@ def test_bbc_headlines_trains_decodes_test_and_selects_the_lowest_dev_loss(small
     for r in tests:  # decoded and scored against the headlines, beside the teacher-forced loss
         assert all(0 <= r[m] <= 1 for m in TEXT_METRICS) and r["perplexity"] == pytest.approx(math.exp(r["loss"]))
     assert summary["metric"] == "rougeL" and summary["select_metric"] == "loss"
+    card = (out / "final" / "README.md").read_text()  # the card's test table holds the selected simplex's scores
+    assert f"{tests[-1]['rougeL']:.4f}" in card and f"{tests[-1]['chrf']:.4f}" in card
     assert summary["test_initial"] == tests[0]["rougeL"] and summary["test_final"] == tests[-1]["rougeL"]
     assert 0 <= summary["test_final@sampled:2"] <= 1
 
