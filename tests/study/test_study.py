@@ -442,3 +442,46 @@ def test_an_archive_brings_finished_units_back_to_a_machine_without_its_runs(sma
     printed = capsys.readouterr().out
     assert "1 finished unit(s) taken back" in printed and "training 0 unit(s)" in printed
     assert _table(out) == table
+
+
+def test_a_study_takes_a_generation_task(small_assets, tmp_path):
+    """BBC headlines on the small decoder: K = 1 against K = 3 at its centroid, by the sampled dev loss and as an
+    ensemble decoded from its mixture; each selected by the lowest dev loss, tested by ROUGE-L."""
+    model_dir, _ = small_assets
+    out = tmp_path / "study"
+    spec = {
+        "output_dir": str(out),
+        "tasks": ["bbc_headlines"],
+        "models": [str(model_dir)],
+        "methods": ["none", "k1", "k3", "k3_sampled", "k3_ensemble"],
+        "seeds": 2,
+        "lrs": [0.01],
+        "ensemble": 2,
+        "sampled": 2,
+        "base": {
+            "data.protocol": "first_n",
+            "data.first_n": 8,
+            "data.dev_size": 4,
+            "data.test_size": 6,
+            "train.max_steps": 2,
+            "train.micro_batch_size": 4,
+            "train.eval_every": 1,
+            "eval.max_new_tokens": 4,
+            "eval.landscape": False,
+        },
+    }
+    path = tmp_path / "gen.yaml"
+    path.write_text(json.dumps(spec))
+    assert study_main([str(path)]) == 0
+    record = json.loads((out / "study.json").read_text())
+    rows = record["table"][str(model_dir)]
+    assert set(rows) == {"none", "k1", "k3", "k3_sampled", "k3_ensemble"}
+    assert all(rows[m]["bbc_headlines"]["n"] == 2 for m in rows)
+    cells = {(c["method"], c["seed"]): c for c in record["cells"]}
+    for seed in (0, 1):
+        k3, sampled = cells[("k3", seed)], cells[("k3_sampled", seed)]
+        assert k3["metric"] == "rougeL" and k3["select_metric"] == "loss" and 0 <= k3["test"] <= 1
+        rows = [json.loads(line) for line in (Path(k3["folder"]) / "metrics.jsonl").read_text().splitlines()]
+        dev = [r for r in rows if r["split"] == "dev" and r["mode"] == "sampled:2"]
+        assert sampled["dev"] == min(r["loss"] for r in dev)  # the lowest sampled dev loss picked its step
+        assert k3["test_final_ensemble"] is not None
