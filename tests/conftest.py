@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+
+import absl.logging
 import pytest
 import torch
 from transformers import (
@@ -21,6 +24,11 @@ from transformers import (
     Qwen3Config,
     RobertaConfig,
 )
+
+# absl (which rouge-score imports) builds its stderr handler on the sys.stderr of its import: under pytest, the
+# capture file, which a later test's study run was seen to find closed ("lost sys.stderr", the session dead).
+# Imported here and pointed at the real stderr, its handler holds nothing of pytest's.
+absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
 
 VOCAB = 128
 _COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)

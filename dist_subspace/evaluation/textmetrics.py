@@ -27,9 +27,11 @@ def _exact(prediction: str, reference: str) -> float:
 
 
 def _rouge_l(predictions: Sequence[str], references: Sequence[str]) -> list[float]:
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # The tokenizer passed in, as rouge-score would build it: left to itself it logs "Using default tokenizer."
+    # through absl, whose first log calls logging.basicConfig() and leaves a stderr handler on the root logger.
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     pairs = zip(predictions, references, strict=True)
     return [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in pairs]  # score(target, prediction)
 

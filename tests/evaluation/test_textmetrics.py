@@ -77,3 +77,18 @@ def test_mismatched_or_no_examples_refused(fn):
         fn(["a", "b"], ["a"])
     with pytest.raises(ValueError, match="no examples"):
         fn([], [])
+
+
+def test_scoring_leaves_the_root_logger_as_it_found_it():
+    # rouge-score's default tokenizer logs through absl, which calls logging.basicConfig(): a stderr handler on the
+    # root logger that outlives the call (under pytest, a closed capture file that a later test's logs hit).
+    import logging
+
+    before = list(logging.root.handlers)
+    logging.root.handlers.clear()
+    try:
+        per_example(PREDS, REFS)
+        text_metrics(PREDS, REFS)
+        assert logging.root.handlers == []
+    finally:
+        logging.root.handlers[:] = before
