@@ -20,6 +20,10 @@ share of a K = 3 step, the proof that both compile with ``fullgraph=True``, and 
 ``--dtypes float32,bfloat16``: the same K = 3 training step and evaluation forward in each dtype, interleaved
 (see :mod:`benchmarks.dtypes`): what ``model.dtype=auto`` buys on a CPU with native bf16.
 
+``--generation train|decode|ensemble|padding``: text generation (see :mod:`benchmarks.generation`): the sides'
+training step on prompt + response rows under the LM loss; greedy decoding at the centroid against transformers'
+``generate``; ``ensemble:S`` stacked against S separate decodes; the padding of the headlines run's batches.
+
     python -m benchmarks.bench --seq-len 256 --table
     python -m benchmarks.bench --model llama-1b --dtype bfloat16 --device cuda --seq-len 2048
     python -m benchmarks.bench --model 'config:{"num_hidden_layers": 4, "hidden_size": 256, ...}'
@@ -42,7 +46,11 @@ def _positive(flag: str, value: int, least: int = 1) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
-    p.add_argument("--sides", default="limit,peft,k1,k3,k6", help=f"comma-separated, from {', '.join(SIDES)}")
+    p.add_argument(
+        "--sides",
+        default=None,
+        help=f"comma-separated, from {', '.join(SIDES)} (limit,peft,k1,k3,k6; generation: no k6)",
+    )
     p.add_argument(
         "--model",
         default="smollm2-135m",
@@ -65,14 +73,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--keep", default=None, help="--distributed: keep the run folders under this folder")
     p.add_argument("--evaluation", action="store_true", help="stacked vs per-point evaluation, 2 processes ZeRO-3")
     p.add_argument("--dtypes", default=None, help="e.g. float32,bfloat16: a K = 3 step and evaluation in each")
-    p.add_argument("--points", type=int, default=8, help="--evaluation: S of ensemble:S")
+    p.add_argument("--points", default=None, help="--evaluation: S of ensemble:S (8); --generation ensemble: 4,8")
     p.add_argument("--examples", type=int, default=32, help="--evaluation: examples scored (32: a few-shot dev set)")
+    p.add_argument(
+        "--generation",
+        default=None,
+        choices=["train", "decode", "ensemble", "padding"],
+        help="text generation: a training step on prompt + response rows, decoding, ensemble stacking, padding",
+    )
+    p.add_argument("--prompts", type=int, default=None, help="--generation decode (8) / ensemble (2): prompts")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="--generation decode/ensemble: tokens a prompt")
+    p.add_argument("--split", action="store_true", help="--generation decode: each side at 1 new token too")
+    p.add_argument("--config", default="configs/headlines.yaml", help="--generation padding: the run config")
+    p.add_argument("--seeds", type=int, default=10, help="--generation padding: train.seed 0..N-1")
+    p.add_argument("--memory-jobs", type=int, default=None, help="fresh memory processes at a time (2; generation 1)")
     p.add_argument("--memory-of", default=None, help=argparse.SUPPRESS)  # the fresh process of one side
     return p.parse_args(argv)
 
 
 def spec_from_args(args: argparse.Namespace) -> BenchSpec:
     """Check the flags (a ``ValueError`` that says how to fix one) and make the spec."""
+    if args.sides is None:
+        args.sides = "limit,peft,k1,k3" if args.generation else "limit,peft,k1,k3,k6"
     sides = tuple(s.strip() for s in args.sides.split(",") if s.strip())
     unknown = [s for s in sides if s not in SIDES]
     if not sides or unknown or len(set(sides)) != len(sides):
@@ -103,6 +125,7 @@ def spec_from_args(args: argparse.Namespace) -> BenchSpec:
         compile=args.compile,
         memory=not args.no_memory,
         clock=args.clock,
+        task="generation" if args.generation == "train" else "classification",
     )
 
 
@@ -119,10 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             workload = build_workload(spec)
             print(json.dumps(side_memory(SIDES[args.memory_of](workload), spec.torch_device())))
             return 0
+        if args.generation is not None and args.generation != "train":
+            result = _generation(args, spec)
+            result["command"] = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+            print(_generation_table(args.generation, result) if args.table else json.dumps(result))
+            return 0
         if args.evaluation:  # --batch: the rows-per-forward budget (train.eval_batch_size), both sides
             from benchmarks.evaluation import evaluation_facts, format_evaluation
 
-            result = evaluation_facts(spec.model, args.examples, args.points, args.batch, args.rounds)
+            points = int(args.points or 8)
+            result = evaluation_facts(spec.model, args.examples, points, args.batch, args.rounds)
             print(format_evaluation(result) if args.table else json.dumps(result))
             return 0
         if args.dtypes:  # the same K = 3 step and evaluation forward in each dtype, interleaved
@@ -146,12 +175,77 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from benchmarks.measure import format_table, measure
 
-        result = measure(spec, progress=lambda line: print(f"[bench] {line}", file=sys.stderr, flush=True))
+        jobs = args.memory_jobs or (1 if args.generation else 2)
+        _positive("--memory-jobs", jobs)
+        result = measure(spec, progress=_progress, memory_jobs=jobs)
     except (ValueError, OSError) as err:
         return user_error(err)
     result["command"] = "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:])
-    print(format_table(result) if args.table else json.dumps(result))
+    if args.table and args.generation:
+        from benchmarks.generation import format_train
+
+        print(format_train(result))
+    else:
+        print(format_table(result) if args.table else json.dumps(result))
     return 0
+
+
+def _progress(line: str) -> None:
+    print(f"[bench] {line}", file=sys.stderr, flush=True)
+
+
+def _generation(args: argparse.Namespace, spec: BenchSpec) -> dict:
+    """``--generation decode|ensemble|padding`` (:mod:`benchmarks.generation`, :mod:`benchmarks.padding`)."""
+    from benchmarks import generation
+
+    if args.generation == "padding":
+        _positive("--seeds", args.seeds)
+        from benchmarks.padding import padding_facts
+
+        return padding_facts(args.config, args.seeds, rounds=args.rounds, warmup=args.warmup, progress=_progress)
+    _positive("--max-new-tokens", args.max_new_tokens, 2 if args.split else 1)
+    if args.generation == "decode":
+        prompts = args.prompts or 8
+        _positive("--prompts", prompts)
+        return generation.decode_facts(
+            spec.model,
+            prompts,
+            args.max_new_tokens,
+            spec.prefix_length,
+            spec.rounds,
+            spec.warmup,
+            args.split,
+            progress=_progress,
+        )
+    text = args.points or "4,8"
+    try:
+        points = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        points = ()
+    if not points or min(points) < 1:
+        raise ValueError(f"--points {text!r}: give S of ensemble:S, comma-separated, each >= 1 (e.g. 4,8)")
+    prompts = args.prompts or 2
+    _positive("--prompts", prompts)
+    return generation.ensemble_facts(
+        spec.model,
+        prompts,
+        args.max_new_tokens,
+        spec.prefix_length,
+        points,
+        spec.rounds,
+        spec.warmup,
+        progress=_progress,
+    )
+
+
+def _generation_table(mode: str, result: dict) -> str:
+    from benchmarks import generation
+
+    if mode == "padding":
+        from benchmarks.padding import format_padding
+
+        return format_padding(result)
+    return generation.format_decode(result) if mode == "decode" else generation.format_ensemble(result)
 
 
 if __name__ == "__main__":

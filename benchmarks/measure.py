@@ -186,10 +186,16 @@ def _clock_stats(t: list[float]) -> dict:
     return {"median_s": statistics.median(t), "min_s": min(t), "times_s": t}
 
 
-def measure(spec: BenchSpec, workload: Workload | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def measure(
+    spec: BenchSpec,
+    workload: Workload | None = None,
+    progress: Callable[[str], None] | None = None,
+    memory_jobs: int = 2,
+) -> dict:
     """Time every side of ``spec`` interleaved round by round, the sampler + mixer share, the compile proof and
     (``spec.memory``) each side's peak memory in a fresh process; one JSON-ready dict. ``progress`` gets a line
-    after every round."""
+    after every round. ``memory_jobs``: fresh processes at a time on a CPU (1 leaves a shared machine's other
+    cores alone; one at a time on a GPU, always)."""
     device, clock = spec.torch_device(), spec.resolved_clock()
     w = workload or build_workload(spec)
     built = {name: SIDES[name](w) for name in spec.sides}
@@ -212,13 +218,14 @@ def measure(spec: BenchSpec, workload: Workload | None = None, progress: Callabl
     }
     for name, side in built.items():
         med = statistics.median(chosen[name])
-        flops = step_flops(config, spec.batch, spec.seq_len, side.prefix_length)
+        flops = step_flops(config, spec.batch, spec.seq_len, side.prefix_length, side.head_rows)
         result["sides"][name] = {
             **_clock_stats(chosen[name]),
             "tokens_per_s": tokens / med,
             "model_tflops_per_s": flops / med / 1e12,
             "step_flops": flops,
             "trainable_params": side.trainable_params,
+            "head_rows": side.head_rows if side.head_rows is not None else spec.batch,
         }
         if clock != "wall":
             result["sides"][name]["wall"] = _clock_stats(times["wall"][name])
@@ -235,9 +242,9 @@ def measure(spec: BenchSpec, workload: Workload | None = None, progress: Callabl
     if device.type == "cuda":
         torch.cuda.empty_cache()  # hand the cached activations back: the fresh processes need the GPU's memory
     if spec.memory:
-        # Fresh processes two at a time on CPU (each its own RSS; nothing is timed meanwhile); one at a time on a
-        # GPU, whose memory they would share.
-        jobs = 1 if device.type == "cuda" else 2
+        # Fresh processes ``memory_jobs`` at a time on CPU (each its own RSS; nothing is timed meanwhile); one at a
+        # time on a GPU, whose memory they would share.
+        jobs = 1 if device.type == "cuda" else memory_jobs
         with ThreadPoolExecutor(jobs) as pool:
             found = pool.map(lambda name: memory_in_fresh_process(spec, name), spec.sides)
             for name, memory in zip(spec.sides, found, strict=True):
