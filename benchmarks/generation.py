@@ -60,8 +60,8 @@ class DecodeBench:
 
 def decode_bench(model_name: str, prompts: int, prefix_length: int, backbone=None, tokenizer=None) -> DecodeBench:
     """Load the backbone (fp32, unless given), the simplex and ``prompts`` prompts: the test prompts of
-    ``configs/headlines.yaml`` (bbc_headlines, first_n 200, dev 48; 120-word leads in the task's template) through
-    the task's collator at 256 tokens; a model from a config: uniform ids of 3 lengths."""
+    ``configs/headlines.yaml`` (bbc_headlines, first_n 160, dev 32, test 100; 120-word leads in the task's
+    template) through the task's collator at 256 tokens; a model from a config: uniform ids of 3 lengths."""
     if backbone is None:
         backbone, tokenizer = load_backbone(model_name, torch.float32, torch.device("cpu"))
     vocab = backbone.config.vocab_size
@@ -72,7 +72,7 @@ def decode_bench(model_name: str, prompts: int, prefix_length: int, backbone=Non
         from dist_subspace.data.batching import Collator
         from dist_subspace.data.sources import load_splits
 
-        splits = load_splits("bbc_headlines", "first_n", first_n=200, dev_size=48, test_size=200)
+        splits = load_splits("bbc_headlines", "first_n", first_n=160, dev_size=32, test_size=100)
         batch = Collator(tokenizer, splits.task, True, 256).prompts(list(enumerate(splits.test[:prompts])))
         ids, mask, pad, source = (
             batch["input_ids"],
