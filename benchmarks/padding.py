@@ -52,7 +52,7 @@ def padding_facts(
     from dist_subspace.core.embedded import resolve_model
     from dist_subspace.data.batching import Collator
     from dist_subspace.data.sources import load_splits
-    from dist_subspace.training.schedule import step_examples
+    from dist_subspace.training.schedule import grouped_step_examples, step_examples
 
     cfg = load_config(config, [])
     path = resolve_model(cfg.model.name_or_path)
@@ -65,7 +65,14 @@ def padding_facts(
     global_batch = micro * cfg.train.grad_accum  # one process
     real = padded = 0
     grouped = {w: 0 for w in windows}
+    trainer = {w: 0 for w in windows if w}  # train.group_by_length=w, the trainer's own grouped order
     for seed in range(seeds):
+        for w in trainer:
+            for step in range(steps):
+                order = grouped_step_examples(tuple(lengths), seed, step, global_batch, w)
+                trainer[w] += micro * sum(
+                    max(lengths[i] for i in order[j : j + micro]) for j in range(0, len(order), micro)
+                )
         orders = [step_examples(len(train), seed, step, global_batch) for step in range(steps)]
         stream = [i for order in orders for i in order]
         for order in orders:
@@ -100,6 +107,7 @@ def padding_facts(
             ("epoch" if w == 0 else f"{w}_micro_batches"): {"batch_tokens": g, "padding_share": 1 - real / g}
             for w, g in grouped.items()
         },
+        "group_by_length": {str(w): {"batch_tokens": g, "padding_share": 1 - real / g} for w, g in trainer.items()},
     }
     if timed:
         result["timed"] = padding_cost(cfg, path, collator, train, lengths, rounds, warmup, progress)
@@ -171,6 +179,10 @@ def format_padding(result: dict) -> str:
     for name, g in result["grouped"].items():
         what = "the whole epoch" if name == "epoch" else name.replace("_", " ")
         lines.append(f"| sorted by length within {what} | {g['batch_tokens']:,} | {100 * g['padding_share']:.1f} % |")
+    for w, g in result.get("group_by_length", {}).items():
+        lines.append(
+            f"| the trainer's `train.group_by_length={w}` | {g['batch_tokens']:,} | {100 * g['padding_share']:.1f} % |"
+        )
     lines.append(f"real tokens: {result['real_tokens']:,}")
     if "timed" in result:
         t = result["timed"]

@@ -163,6 +163,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # keep the newest N checkpoints (and the best-so-far's); 0: keep all
     skip_nonfinite: bool = False  # a non-finite loss or gradient skips the step (counted) instead of stopping the run
     max_nonfinite_in_row: int = 5  # with skip_nonfinite: stop after this many non-finite steps in a row
+    group_by_length: int = 0  # > 0: sort each window of this many steps' examples by length (less padding); 0: off
 
     def __post_init__(self) -> None:
         counts = (
@@ -185,6 +186,10 @@ class TrainConfig:
         _choice("train.schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.warmup_steps < 0:
             raise ConfigError("train.warmup_steps must be >= 0")
+        if self.group_by_length < 0:
+            raise ConfigError(
+                f"train.group_by_length must be >= 0 (steps a window, e.g. 16; 0: off; got {self.group_by_length})"
+            )
         if self.keep_checkpoints < 0:
             raise ConfigError(f"train.keep_checkpoints must be >= 0 (0 keeps all; got {self.keep_checkpoints})")
         names = self.report_to.split(",") if isinstance(self.report_to, str) else self.report_to

@@ -43,7 +43,12 @@ from dist_subspace.training.finish import FinishStage, format_values
 from dist_subspace.training.guards import NonFiniteGuard, stop_if_write_fails
 from dist_subspace.training.reporting import MetricsLog
 from dist_subspace.training.runfolder import prepare_run_folders
-from dist_subspace.training.schedule import lr_factor, sampling_coordinates, step_examples
+from dist_subspace.training.schedule import (
+    grouped_step_examples,
+    lr_factor,
+    sampling_coordinates,
+    step_examples,
+)
 
 NOISE_SALT = 0x6E015E  # the noise control's stream of hashed normals differs from the alphas'
 
@@ -94,6 +99,12 @@ class Recipe(FinishStage):
         self.replica_rows = torch.arange(r, device=device).repeat_interleave(mb) if r > 1 else None
         seeds = torch.tensor([cfg.train.seed + i for i in range(r)], device=device)
         self.seed_rows = seeds.repeat_interleave(mb) if r > 1 else cfg.train.seed
+        # train.group_by_length: each replica's training examples' lengths in tokens, as the collator cuts them
+        self.lengths = (
+            [tuple(len(self.collator.encode(e)["input_ids"]) for e in splits.train) for splits in self.splits]
+            if cfg.train.group_by_length
+            else None
+        )
         self._resume()
         # The sampler's step lives on the device: advanced in place, never read back by the host.
         self.step_tensor = torch.tensor(self.step, dtype=torch.long, device=device)
@@ -191,7 +202,11 @@ class Recipe(FinishStage):
         mb, accum, world, r = cfg.train.micro_batch_size, cfg.train.grad_accum, engine.world_size, self.replicas
         orders, coords = [], []
         for i, splits in enumerate(self.splits):
-            order = step_examples(len(splits.train), cfg.train.seed + i, self.step, mb * accum * world)
+            seed, global_batch = cfg.train.seed + i, mb * accum * world
+            if self.lengths is None:
+                order = step_examples(len(splits.train), seed, self.step, global_batch)
+            else:
+                order = grouped_step_examples(self.lengths[i], seed, self.step, global_batch, cfg.train.group_by_length)
             orders.append(order)
             coords.append(sampling_coordinates(order, len(splits.train)))
         model.train()

@@ -34,6 +34,27 @@ def step_examples(num_examples: int, seed: int, step: int, global_batch: int) ->
     return out
 
 
+@functools.lru_cache(maxsize=4)
+def _grouped_window(lengths: tuple[int, ...], seed: int, first: int, global_batch: int, window: int) -> list[list[int]]:
+    """The steps ``first .. first + window - 1`` of the plain stream, their examples sorted by length (ties in
+    stream order) and dealt out again ``global_batch`` at a time, the resulting steps in a seeded order."""
+    pool = [e for s in range(first, first + window) for e in step_examples(len(lengths), seed, s, global_batch)]
+    pool.sort(key=lambda e: lengths[e])  # stable
+    steps = [pool[j * global_batch : (j + 1) * global_batch] for j in range(window)]
+    order = torch.randperm(window, generator=torch.Generator().manual_seed(seed * 100_003 + 7_919 * first + 1))
+    return [steps[j] for j in order.tolist()]
+
+
+def grouped_step_examples(lengths: tuple[int, ...], seed: int, step: int, global_batch: int, window: int) -> list[int]:
+    """:func:`step_examples` grouped by length (``train.group_by_length``): the examples of each ``window``
+    consecutive steps of the plain stream, sorted by their lengths ``[N]`` and cut into steps again, in a seeded
+    order; each step's examples shortest first, so its micro-batches hold examples of like length. The window holds
+    the same examples as often as the plain stream does (epochs stay whole across windows), and the order is still
+    a pure function of (seed, step)."""
+    first = step - step % window
+    return list(_grouped_window(lengths, seed, first, global_batch, window)[step - first])
+
+
 def sampling_coordinates(order: list[int], num_examples: int) -> list[int]:
     """The sampler's example coordinate for each entry of a step's ``order``: the example's index, plus
     ``num_examples`` times the number of earlier copies of it in the step. When the global batch exceeds the

@@ -222,3 +222,38 @@ def test_a_bad_generation_input_is_refused_in_one_line_before_the_model_loads(
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err[-2000:]
     assert not out.exists()  # nothing written
+
+
+def test_a_run_grouped_by_length_trains_on_the_grouped_order_and_pads_less(small_assets, tmp_path):
+    """train.group_by_length=4: the examples each step trains on (its trace) are the grouped order's, computed from
+    the collator's own lengths, and its micro-batches hold fewer padded tokens than the plain order's."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from dist_subspace.data.batching import Collator
+    from dist_subspace.data.sources import load_splits
+    from dist_subspace.training.schedule import grouped_step_examples, step_examples
+
+    model_dir, data = small_assets
+    out = tmp_path / "run"
+    args = [
+        *("data.task=bbc_headlines", "data.protocol=first_n", "data.first_n=16", "data.dev_size=4", "data.test_size=4"),
+        *("train.max_steps=4", "train.eval_every=4", "train.save_every=4", "train.micro_batch_size=2"),
+        *("train.grad_accum=2", "train.group_by_length=4", "train.trace=true", "model.max_length=256"),
+        *("prefix.length=4", "eval.landscape=false", "eval.max_new_tokens=4"),
+    ]
+    assert main(run_args(model_dir, data, out, *args)) == 0
+    splits = load_splits("bbc_headlines", "first_n", first_n=16, dev_size=4, test_size=4)
+    collator = Collator(AutoTokenizer.from_pretrained(model_dir), splits.task, True, 256)
+    lengths = tuple(len(collator.encode(e)["input_ids"]) for e in splits.train)
+    trace = load_file(str(out / "ranks" / "trace-rank-0.safetensors"))
+    grouped, plain = [], []
+    for step in range(4):
+        ran = [trace[f"step{step}.micro{m}.index"].tolist() for m in range(2)]
+        assert ran[0] + ran[1] == grouped_step_examples(lengths, 0, step, 4, 4)
+        grouped += ran
+        order = step_examples(16, 0, step, 4)
+        plain += [order[:2], order[2:]]
+    assert sorted(e for b in grouped for e in b) == sorted(e for b in plain for e in b)  # one epoch, whole
+    width = lambda batches: sum(len(b) * max(lengths[e] for e in b) for b in batches)  # noqa: E731
+    assert width(grouped) < width(plain)
