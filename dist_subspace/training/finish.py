@@ -40,8 +40,8 @@ class FinishStage:
                 load_simplex_tensors(self.model, best["tensors"])
             suffix = "" if primary else f"@{rule}"
             finals = self.validate("test", record=primary)
-            for mode in cfg.eval.extra_test_modes:
-                for summary, result in zip(self.summaries, self.validate("test", mode, record=False), strict=True):
+            for mode in cfg.eval.extra_test_modes:  # rows in metrics.jsonl for final/'s simplex (the primary rule)
+                for summary, result in zip(self.summaries, self.validate("test", mode, record=primary), strict=True):
                     summary[f"test_final_{mode}{suffix}"] = result[metric]
             for r, (summary, final) in enumerate(zip(self.summaries, finals, strict=True)):
                 summary[f"test_final{suffix}"] = final[metric]
