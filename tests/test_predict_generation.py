@@ -289,7 +289,8 @@ def ending_runs(gen_run, small_assets, tmp_path_factory):
 
 # One launch, both modes: predict's pass (Inputs, label_all) twice over one loaded run (a second process group in the
 # same torchrun processes cannot connect, and a launch costs ~25 s here).
-LAUNCHED = """import sys
+LAUNCHED = """import gc
+import sys
 from argparse import Namespace
 from pathlib import Path
 
@@ -306,6 +307,11 @@ try:
         label_all(run, inputs, inputs.count(), args)
 finally:
     run.end()
+# The ZeRO-3 parameters keep gloo's process group alive after destroy_process_group(); freed at interpreter
+# teardown, its threads were once seen to abort a rank after its work was done ("terminate called without an
+# active exception", pytorch/pytorch#179291): free them while the interpreter is whole.
+del run
+gc.collect()
 """
 # centroid: one chunk, 2 rows a batch (5 and 4 groups: 3 and 2 batches, the second rank's padded); ensemble:3: chunks
 # of 5 and 4, one batch a rank (groups of 3 rows, the mixture's, beside 1-row groups, each point's own)
