@@ -45,11 +45,12 @@ def source_commit() -> str | None:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _train(spec: StudySpec, run: dict[str, Any], log: Path, env: dict[str, str]) -> int:
+def _train(spec: StudySpec, run: dict[str, Any], log: Path, env: dict[str, str], claim_fd: int) -> int:
     """One training run in a fresh process (a crash or a leak stays there), started with the spec's
     ``train_command`` (``python -m``, or a launcher such as ``torchrun --nproc_per_node 8 -m``): continue from its
     newest checkpoint if it has one (after resolving what a killed save left), else start it, where nothing was
-    saved yet. A run with a ``final/`` but no checkpoint to continue from is not started over (exit 1)."""
+    saved yet. A run with a ``final/`` but no checkpoint to continue from is not started over (exit 1). The process
+    inherits ``claim_fd``, the unit's claim: killed, the study leaves its training still holding the unit."""
     from dist_subspace.training.checkpoint import latest_checkpoint, recover_interrupted_saves
 
     out = Path(run["train.output_dir"])
@@ -68,7 +69,7 @@ def _train(spec: StudySpec, run: dict[str, Any], log: Path, env: dict[str, str])
         command = [*launcher, "dist_subspace.train", *as_overrides({**run, **start})]
         f.write(f"\n$ {' '.join(shlex.quote(word) for word in command)}\n")
         f.flush()
-        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        return subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, env=env, pass_fds=(claim_fd,)).returncode
 
 
 def train_unit(spec: StudySpec, unit: Unit, root: Path, threads: int | None = None) -> dict[str, Any]:
@@ -82,12 +83,12 @@ def train_unit(spec: StudySpec, unit: Unit, root: Path, threads: int | None = No
     folder = unit.folder(root)
     clock = time.perf_counter()
     with claim(folder) as held:
-        if not held:
+        if held is None:
             return outcome(unit, "claimed", error=f"claimed by {describe_claim(folder)}")
         if unit_done(spec, unit, root):  # a duplicate job, queued while another trained it
             return outcome(unit, "done")
         record_configs(spec, unit, root)
-        codes = [_train(spec, run, folder / "train.log", env) for run in run_overrides(spec, unit, root)]
+        codes = [_train(spec, run, folder / "train.log", env, held) for run in run_overrides(spec, unit, root)]
         seconds = time.perf_counter() - clock
         if any(codes):
             return outcome(unit, "failed", seconds, codes, f"exit {max(codes)}, see {folder / 'train.log'}")

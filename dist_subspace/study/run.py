@@ -137,7 +137,7 @@ def check_unchanged(spec: StudySpec, units: list[Unit], root: Path, retrain: boo
     moved = []
     for unit, changes in changed.items():
         with claim(unit.folder(root)) as held:
-            if not held:
+            if held is None:
                 raise ConfigError(f"{_name(unit)} is training now ({describe_claim(unit.folder(root))}): not moved")
             moved.append(f"{_name(unit)}: {'; '.join(changes[:3])} -> moved to {set_aside(unit, root)}")
     return moved

@@ -4,8 +4,9 @@ it now (a claim), and under which configs its runs were trained.
 - **Finished**: every seed's ``summary.json`` holds a test score.
 - **Claimed**: a process training a unit holds an exclusive ``flock`` on ``UNIT/.claim.lock`` for as long as it
   lives (the kernel drops it when the process dies: a job killed by SLURM leaves no stale claim), and writes who
-  it is in ``UNIT/claim.json``. A second process (a rerun, a duplicate job) that finds the lock held trains
-  nothing there.
+  it is in ``UNIT/claim.json``. Each training process it starts inherits the lock's file, so the claim lasts as long
+  as the last of them: a study killed alone leaves its running training holding the unit. A second process (a
+  rerun, a duplicate job) that finds the lock held trains nothing there.
 - **Recorded configs**: ``UNIT/unit-config.json``, each run's resolved config, written when the unit starts. A rerun
   whose spec resolves to other configs is refused (or, when asked, the unit's folder moves aside and it trains
   again): a changed study never mixes cells trained under two specs.
@@ -60,20 +61,22 @@ def describe_claim(folder: Path) -> str:
 
 
 @contextmanager
-def claim(folder: Path) -> Iterator[bool]:
-    """Hold ``folder``'s claim for the block: yields True, or False (holding nothing) when a live process holds it.
-    The lock is per open file, so two threads of one process exclude each other too."""
+def claim(folder: Path) -> Iterator[int | None]:
+    """Hold ``folder``'s claim for the block: yields the locked file's descriptor (hand it to each process that
+    trains the unit: ``subprocess.run(..., pass_fds=(fd,))``, and the lock lives until they too have ended), or None
+    (holding nothing) when a live process holds it. The lock is per open file, so two threads of one process exclude
+    each other too."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / CLAIM_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            yield False
+            yield None
             return
         write_json(folder / CLAIM, claimant())
         try:
-            yield True
+            yield fd
         finally:
             (folder / CLAIM).unlink(missing_ok=True)
     finally:

@@ -294,7 +294,7 @@ def test_a_claimed_unit_is_not_trained_again_and_a_changed_spec_is_refused(small
     spec = load_spec(args[0], [])
     folder = Unit(spec.tasks[0], spec.models[0], "k1", 0.01).folder(out)
     with claim(folder) as held:
-        assert held
+        assert held is not None
         assert study_main(args) == 1
         assert "CLAIMED (claimed by pid" in capsys.readouterr().err
         assert sorted(p.name for p in folder.iterdir()) == [".claim.lock", "claim.json"]
