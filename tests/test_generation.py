@@ -36,13 +36,6 @@ ARTICLES = [  # (article lead, headline): three prompt lengths
     ("A film about a dog won the top prize at the festival in Cannes on Sunday night.", " Dog film wins top prize"),
 ]
 PREFIX_TEXT = " Breaking news from the newsroom:"  # decoding's prefix: these tokens' own keys and values
-PEFT_GENERATE = (
-    "peft 0.21's generate() puts the prefix under past_key_values while transformers 5.x's generate keeps its cache "
-    "under `cache`; the model's forward, given both, keeps `cache` and drops past_key_values ('Both `past_key_values` "
-    "and `cache` are set ... ignoring deprecated'), so PEFT generates without its prefix (one prompt alone gives the "
-    "bare backbone's tokens). PEFT's forward is right: the tests above decode against it. When this passes, PEFT is "
-    "fixed: compare with its generate directly."
-)
 
 
 def _examples() -> list[dict]:
@@ -381,9 +374,10 @@ def test_beam_search_carries_the_prefix_through_generate_and_equals_the_prefix_w
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=PEFT_GENERATE)
 @pytest.mark.parametrize("beams", [1, 2])
 def test_peft_generate_with_the_exported_centroid_agrees(decoder, peft, beams):
+    """PEFT's own generate() with final/peft_centroid, greedy and beam, writes what we write at the centroid (PEFT
+    >= 0.22, the floor: 0.21 handed its prefix to transformers 5.x under an argument generate no longer forwards)."""
     d = decoder
     ours = _centroid(d, beams)
     for prompt, tokens in zip(d.prompts, ours.token_ids, strict=True):
