@@ -8,8 +8,8 @@
   sequence id the model cannot produce, so every side decodes exactly that many): this project's
   :func:`decode_rows` at the centroid of a K = 3 simplex (``centroid``) against transformers' own ``generate`` on
   the bare model (``limit``: no prefix; ``written``: the prefix's P tokens written out before each prompt, whose
-  own keys and values the centroid is, so the two decode the same tokens) and ``generate`` with the prefix handed
-  in its cache (``hf_prefix``: what a correct prefix-tuned ``generate`` runs, PEFT's once it keeps its prefix);
+  own keys and values the centroid is, so the two decode the same tokens), ``generate`` with the prefix handed
+  in its cache (``hf_prefix``) and PEFT's own prefix-tuned ``generate`` with the exported centroid (``peft``);
   with ``--split``, each side once more at one new token (``@1``: the prompt's forward and one token), from which
   the cost of a token after the first follows, round by round;
 - ``ensemble``: ``ensemble:S`` decoded as this project decodes it (the S points of each prompt stacked in one
@@ -155,7 +155,31 @@ def decode_sides(b: DecodeBench, n: int) -> dict[str, Callable[[], torch.Tensor]
         new, _ = decode_rows(model, b.input_ids, b.attention_mask, alpha, zeros, groups, Decoding(n), b.never)
         return new
 
-    return {"limit": limit, "written": written_side, "hf_prefix": hf_prefix, "centroid": centroid}
+    peft_model = peft_centroid(model)
+
+    def peft() -> torch.Tensor:  # PEFT's own prefix-tuned generate() with the exported centroid
+        attention.disable(backbone)
+        return _generate(peft_model, b.input_ids, b.attention_mask, n, b.never, b.pad)
+
+    return {"limit": limit, "written": written_side, "hf_prefix": hf_prefix, "peft": peft, "centroid": centroid}
+
+
+def peft_centroid(model: PrefixSubspaceModel):
+    """PEFT's ``PeftModel`` over ``model``'s backbone with the centroid, as ``final/peft_centroid`` exports it."""
+    import tempfile
+    from pathlib import Path
+
+    from peft import PeftModel
+
+    from dist_subspace.core.export import save_peft_prefix
+
+    vertices = model.simplex.vertices.detach().float()  # [K, L, 2, H_kv, P, D]
+    centroid = simplex.mix_prefix(
+        vertices, simplex.expand_alpha(simplex.centroid_alpha(vertices.shape[0]), 1, vertices.shape[1])
+    )[0]  # [L, 2, H_kv, P, D]
+    with tempfile.TemporaryDirectory() as folder:
+        save_peft_prefix(centroid, model.geometry, "", Path(folder))
+        return PeftModel.from_pretrained(model.backbone, folder).eval()
 
 
 def ensemble_sides(b: DecodeBench, n: int, points: int) -> dict[str, Callable[[], torch.Tensor]]:
@@ -232,7 +256,7 @@ def decode_facts(
     progress: Progress = None,
 ) -> dict:
     """The centroid sides (:func:`decode_sides`), interleaved: seconds a decode, new tokens a second, every side
-    over ``limit``, ``hf_prefix`` and ``written``; whether the prefix sides decode the same tokens; ``split``: each
+    over ``limit``, ``hf_prefix`` and ``peft``; whether the prefix sides decode the same tokens; ``split``: each
     side at one new token too, and the cost of each later token, per round (its ratios too)."""
     b = bench or decode_bench(model_name, prompts, prefix_length)
     steps = decode_sides(b, max_new_tokens)
@@ -262,12 +286,13 @@ def decode_facts(
                 "later_token_times_s": later,
                 "later_tokens_per_s": rows / statistics.median(later),
             }
-    result["time_ratios"] = {f"over_{ref}": ratios({n: times[n] for n in main}, ref) for ref in ("limit", "hf_prefix")}
+    refs = ("limit", "hf_prefix", "peft")
+    result["time_ratios"] = {f"over_{ref}": ratios({n: times[n] for n in main}, ref) for ref in refs}
     if split:
         first = {n: times[f"{n}@1"] for n in main}
         later = {n: result["sides"][n]["later_token_times_s"] for n in main}
-        result["first_token_ratios"] = {f"over_{ref}": ratios(first, ref) for ref in ("limit", "hf_prefix")}
-        result["later_token_ratios"] = {f"over_{ref}": ratios(later, ref) for ref in ("limit", "hf_prefix")}
+        result["first_token_ratios"] = {f"over_{ref}": ratios(first, ref) for ref in refs}
+        result["later_token_ratios"] = {f"over_{ref}": ratios(later, ref) for ref in refs}
     tokens = run["tokens"]
     result["tokens"] = {
         "all_decoded_max_new_tokens": all(
@@ -275,6 +300,7 @@ def decode_facts(
         ),
         "centroid_equals_written": tokens["centroid"].tolist() == tokens["written"].tolist(),
         "centroid_equals_hf_prefix": tokens["centroid"].tolist() == tokens["hf_prefix"].tolist(),
+        "centroid_equals_peft": tokens["centroid"].tolist() == tokens["peft"].tolist(),
         "centroid_differs_from_limit": tokens["centroid"].tolist() != tokens["limit"].tolist(),
     }
     return result
@@ -365,24 +391,25 @@ def format_decode(result: dict) -> str:
         f"{s['prompt_tokens']['max']} tokens, left padded to {s['prompt_tokens']['width']}), P = {s['prefix_length']}"
         f", {s['max_new_tokens']} new tokens each, greedy, {s['rounds']} interleaved rounds, {s['clock']} time",
     ]
-    head = "| side | s a decode, median (min) | new tokens/s | × limit | × hf_prefix |"
-    rule = "|---|---|---|---|---|"
+    head = "| side | s a decode, median (min) | new tokens/s | × limit | × hf_prefix | × peft |"
+    rule = "|---|---|---|---|---|---|"
     if split:
-        head += " first token s | × limit | later token ms | later tokens/s | × limit | × hf_prefix |"
-        rule += "---|---|---|---|---|---|"
+        head += " first token s | × limit | later token ms | later tokens/s | × limit | × hf_prefix | × peft |"
+        rule += "---|---|---|---|---|---|---|"
     lines += [head, rule]
     for name, side in result["sides"].items():
         cells = [f"`{name}`", f"{side['median_s']:.2f} ({side['min_s']:.2f})", f"{side['new_tokens_per_s']:.1f}"]
-        cells += [_over(result["time_ratios"], name, ref) for ref in ("limit", "hf_prefix")]
+        cells += [_over(result["time_ratios"], name, ref) for ref in ("limit", "hf_prefix", "peft")]
         if split:
             cells += [f"{side['first_token_median_s']:.2f}", _over(result["first_token_ratios"], name, "limit")]
             cells += [f"{1e3 * side['later_token_median_s']:.0f}", f"{side['later_tokens_per_s']:.1f}"]
-            cells += [_over(result["later_token_ratios"], name, ref) for ref in ("limit", "hf_prefix")]
+            cells += [_over(result["later_token_ratios"], name, ref) for ref in ("limit", "hf_prefix", "peft")]
         lines.append("| " + " | ".join(cells) + " |")
     t = result["tokens"]
     lines.append(
         f"every side decoded {s['max_new_tokens']} tokens a prompt: {t['all_decoded_max_new_tokens']}; centroid = "
-        f"written out: {t['centroid_equals_written']}; = hf_prefix: {t['centroid_equals_hf_prefix']}; differs from "
+        f"written out: {t['centroid_equals_written']}; = hf_prefix: {t['centroid_equals_hf_prefix']}; = peft: "
+        f"{t['centroid_equals_peft']}; differs from "
         f"the bare model: {t['centroid_differs_from_limit']}"
     )
     return "\n".join(lines)

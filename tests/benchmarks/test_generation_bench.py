@@ -52,6 +52,7 @@ def test_the_centroid_decodes_what_its_prefix_written_out_decodes():
     out = {name: side() for name, side in decode_sides(b, 5).items()}
     assert all(t.shape == (3, 5) for t in out.values())
     assert torch.equal(out["centroid"], out["written"]) and torch.equal(out["centroid"], out["hf_prefix"])
+    assert torch.equal(out["centroid"], out["peft"])  # PEFT's own generate with the exported centroid, left padded
     assert not torch.equal(out["centroid"], out["limit"])  # the prefix changes what is decoded
 
 
