@@ -4,8 +4,9 @@ from the run folders: does every point of the subspace score the same, or do its
 - ``selected_step``: the step the dev score picked;
 - ``cos2``, ``cos2_centred``: the vertices' mean pairwise cos² at the last step (raw, and centred over their P
   positions, which removes what all prefix tokens of a layer share);
-- ``sampled_dev_sd``: the sample SD of the dev metric over the S draws of ``sampled:S`` at the last evaluation
-  (methods selected by it), the spread of the paper's non-deterministic metric;
+- ``sampled_dev_sd``: the sample SD over the S draws of ``sampled:S`` at the last evaluation of the dev metric that
+  selects (the task's metric; a generation task's dev loss per token), the spread of the paper's
+  non-deterministic metric;
 - ``landscape_range``: the largest minus the smallest dev metric over the landscape's grid on the triangle (the
   same point in every layer), when the runs drew it;
 - ``centre_gap``: on that grid, the dev metric at the centroid minus the mean of the K vertices' (positive: the
@@ -63,7 +64,8 @@ def simplex_spread(cells: list[dict], chosen: dict[tuple[str, str, str], float])
     for c in cells:
         if chosen.get((c["task"], c["model"], c["method"])) != c["lr"]:
             continue
-        numbers = {"selected_step": c["selected_step"], **run_spread(Path(c["folder"]), c.get("metric"))}
+        metric = c.get("select_metric") or c.get("metric")  # what sampled:S ranks checkpoints by
+        numbers = {"selected_step": c["selected_step"], **run_spread(Path(c["folder"]), metric)}
         groups.setdefault(f"{c['model']} {c['task']} {c['method']}", []).append(numbers)
     spread = {}
     for key, seeds in groups.items():

@@ -239,6 +239,19 @@ def test_the_sampled_dev_sd_is_the_tasks_metric_not_the_first_sd_found(tmp_path)
     assert "sampled_dev_sd" not in run_spread(tmp_path, None)  # unknown metric: no SD rather than another's
 
 
+def test_a_generation_runs_sampled_dev_sd_is_its_dev_loss_that_selects(tmp_path):
+    """A generation task's metric is ROUGE-L on test, but its dev rows hold the loss that picks the checkpoint: the
+    spread shows that loss's SD over the sampled points, not nothing."""
+    from dist_subspace.study.spread import simplex_spread
+
+    row = {"step": 50, "split": "dev", "mode": "sampled:4", "loss": 2.98, "loss_std": 0.015, "perplexity": 19.7}
+    (tmp_path / "metrics.jsonl").write_text(json.dumps(row) + "\n")
+    cell = {"task": "t", "model": "m", "method": "k3_sampled", "lr": 0.01, "selected_step": 50}
+    cell |= {"folder": str(tmp_path), "metric": "rougeL", "select_metric": "loss"}
+    spread = simplex_spread([cell], {("t", "m", "k3_sampled"): 0.01})
+    assert spread["m t k3_sampled"]["sampled_dev_sd"] == 0.015
+
+
 def _small_study(tmp_path, small_assets, out, methods=("k1", "k3"), **base) -> list[str]:
     model_dir, data = small_assets
     spec = {
