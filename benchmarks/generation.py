@@ -44,6 +44,9 @@ PREFIX_TEXT = (
 )
 
 
+DECODE_REFS = ("limit", "hf_prefix", "peft")  # the decode sides every side's time is divided by
+
+
 @dataclass
 class DecodeBench:
     """One backbone, a K = 3 simplex over it whose centroid is ``words``' own keys and values, and a batch of
@@ -171,14 +174,10 @@ def peft_centroid(model: PrefixSubspaceModel):
 
     from peft import PeftModel
 
-    from dist_subspace.core.export import save_peft_prefix
+    from dist_subspace.core.export import save_peft_centroid
 
-    vertices = model.simplex.vertices.detach().float()  # [K, L, 2, H_kv, P, D]
-    centroid = simplex.mix_prefix(
-        vertices, simplex.expand_alpha(simplex.centroid_alpha(vertices.shape[0]), 1, vertices.shape[1])
-    )[0]  # [L, 2, H_kv, P, D]
     with tempfile.TemporaryDirectory() as folder:
-        save_peft_prefix(centroid, model.geometry, "", Path(folder))
+        save_peft_centroid(model.simplex.vertices.detach(), model.geometry, "", Path(folder))
         return PeftModel.from_pretrained(model.backbone, folder).eval()
 
 
@@ -286,13 +285,12 @@ def decode_facts(
                 "later_token_times_s": later,
                 "later_tokens_per_s": rows / statistics.median(later),
             }
-    refs = ("limit", "hf_prefix", "peft")
-    result["time_ratios"] = {f"over_{ref}": ratios({n: times[n] for n in main}, ref) for ref in refs}
+    result["time_ratios"] = {f"over_{ref}": ratios({n: times[n] for n in main}, ref) for ref in DECODE_REFS}
     if split:
         first = {n: times[f"{n}@1"] for n in main}
         later = {n: result["sides"][n]["later_token_times_s"] for n in main}
-        result["first_token_ratios"] = {f"over_{ref}": ratios(first, ref) for ref in refs}
-        result["later_token_ratios"] = {f"over_{ref}": ratios(later, ref) for ref in refs}
+        result["first_token_ratios"] = {f"over_{ref}": ratios(first, ref) for ref in DECODE_REFS}
+        result["later_token_ratios"] = {f"over_{ref}": ratios(later, ref) for ref in DECODE_REFS}
     tokens = run["tokens"]
     result["tokens"] = {
         "all_decoded_max_new_tokens": all(
@@ -399,11 +397,11 @@ def format_decode(result: dict) -> str:
     lines += [head, rule]
     for name, side in result["sides"].items():
         cells = [f"`{name}`", f"{side['median_s']:.2f} ({side['min_s']:.2f})", f"{side['new_tokens_per_s']:.1f}"]
-        cells += [_over(result["time_ratios"], name, ref) for ref in ("limit", "hf_prefix", "peft")]
+        cells += [_over(result["time_ratios"], name, ref) for ref in DECODE_REFS]
         if split:
             cells += [f"{side['first_token_median_s']:.2f}", _over(result["first_token_ratios"], name, "limit")]
             cells += [f"{1e3 * side['later_token_median_s']:.0f}", f"{side['later_tokens_per_s']:.1f}"]
-            cells += [_over(result["later_token_ratios"], name, ref) for ref in ("limit", "hf_prefix", "peft")]
+            cells += [_over(result["later_token_ratios"], name, ref) for ref in DECODE_REFS]
         lines.append("| " + " | ".join(cells) + " |")
     t = result["tokens"]
     lines.append(

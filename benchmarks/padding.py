@@ -22,6 +22,14 @@ from dist_subspace.core.initialise import initial_vertices
 from dist_subspace.core.model import PrefixSubspaceModel
 
 
+def padded_tokens(order: list[int], lengths: list[int], micro: int) -> int:
+    """The tokens of ``order``'s micro-batches of ``micro`` examples, each padded to its longest."""
+    return sum(
+        len(rows) * max(lengths[i] for i in rows)
+        for rows in (order[j : j + micro] for j in range(0, len(order), micro))
+    )
+
+
 def grouped_widths(lengths: list[int], order: list[int], micro: int, window: int) -> list[int]:
     """Micro-batch widths when each ``window`` consecutive examples of ``order`` are sorted by length before being
     cut into micro-batches of ``micro`` (``window`` = ``micro``: no grouping)."""
@@ -66,20 +74,16 @@ def padding_facts(
     real = padded = 0
     grouped = {w: 0 for w in windows}
     trainer = {w: 0 for w in windows if w}  # train.group_by_length=w, the trainer's own grouped order
+    key = tuple(lengths)
     for seed in range(seeds):
         for w in trainer:
             for step in range(steps):
-                order = grouped_step_examples(tuple(lengths), seed, step, global_batch, w)
-                trainer[w] += micro * sum(
-                    max(lengths[i] for i in order[j : j + micro]) for j in range(0, len(order), micro)
-                )
+                trainer[w] += padded_tokens(grouped_step_examples(key, seed, step, global_batch, w), lengths, micro)
         orders = [step_examples(len(train), seed, step, global_batch) for step in range(steps)]
         stream = [i for order in orders for i in order]
         for order in orders:
-            for j in range(0, len(order), micro):
-                rows = order[j : j + micro]
-                real += sum(lengths[i] for i in rows)
-                padded += len(rows) * max(lengths[i] for i in rows)
+            real += sum(lengths[i] for i in order)
+            padded += padded_tokens(order, lengths, micro)
         for w in windows:
             window = len(train) if w == 0 else w * micro
             grouped[w] += micro * sum(grouped_widths(lengths, stream, micro, window))

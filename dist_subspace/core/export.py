@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_subspace.core.arch import PrefixGeometry
+from dist_subspace.core.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 
 def peft_prefix_weight(prefix: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,13 @@ def save_peft_prefix(prefix: torch.Tensor, geometry: PrefixGeometry, base_model:
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     weight = peft_prefix_weight(prefix.detach().float().cpu())
     save_file({"prompt_embeddings": weight}, str(out_dir / "adapter_model.safetensors"))
+
+
+def save_peft_centroid(vertices: torch.Tensor, geometry: PrefixGeometry, base_model: str, out_dir: Path) -> None:
+    """The centroid of ``vertices`` ``[K, L, 2, H_kv, P, D]`` as a PEFT adapter (:func:`save_peft_prefix`): what
+    ``final/peft_centroid`` holds."""
+    alpha = expand_alpha(centroid_alpha(vertices.shape[0]), 1, vertices.shape[1])  # [1, L, K]
+    save_peft_prefix(mix_prefix(vertices.float(), alpha)[0], geometry, base_model, out_dir)
 
 
 def prefix_from_peft_weight(weight: torch.Tensor, num_layers: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:

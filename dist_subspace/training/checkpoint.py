@@ -20,10 +20,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from dist_subspace.core.export import save_peft_prefix
+from dist_subspace.core.export import save_peft_centroid
 from dist_subspace.core.files import write_atomic
 from dist_subspace.core.model import PrefixSubspaceModel
-from dist_subspace.core.simplex import centroid_alpha, expand_alpha, mix_prefix
 
 
 def _simplex_parameters(model: PrefixSubspaceModel) -> dict[str, torch.nn.Parameter]:
@@ -405,10 +404,7 @@ def save_final(
     }
     (tmp / "simplex_config.json").write_text(json.dumps(config, indent=2) + "\n")
     if model.spec.kind == "decoder" and model.use_prefix:
-        vertices = tensors["prefix.vertices"].float()  # [K, L, 2, H_kv, P, D]
-        alpha = expand_alpha(centroid_alpha(vertices.shape[0]), 1, g.num_layers)
-        centroid = mix_prefix(vertices, alpha)[0]  # [L, 2, H_kv, P, D]
-        save_peft_prefix(centroid, g, info.get("model", ""), tmp / "peft_centroid")
+        save_peft_centroid(tensors["prefix.vertices"], g, info.get("model", ""), tmp / "peft_centroid")
     if card is not None:
         write_atomic(tmp / "README.md", card)
     _publish(tmp, folder)
